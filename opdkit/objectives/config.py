@@ -1,0 +1,172 @@
+"""`ObjectiveConfig`: the axes a user combines to get any OPD objective from the literature.
+
+Every field carries a `help` string (used by `opdkit train --help` and docs/objectives.md). Validation happens in
+`__post_init__`, before any compute: a bad value raises ValueError naming the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tv", "alpha")
+ESTIMATORS = ("sampled", "topk", "full")
+GRADIENTS = ("stopgrad", "corrected")
+REWARDS = ("divergence", "power")
+TRANSFORMS = ("none", "clip", "tanh", "zscore", "signmaxabs")
+PG_FORMS = ("reinforce", "ppo")
+ENTROPY_SOURCES = ("student", "teacher")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "sum")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"objective.{name}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _in_range(name: str, value: float, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
+        raise ValueError(f"objective.{name}={value!r} must be a number in {lb}{lo}, {hi}{rb}")
+
+
+def h(text: str, **kw):
+    """A dataclass field with a help string (kw: default=... or default_factory=...)."""
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class ObjectiveConfig:
+    # 1. divergence D(p || q) per position, p = student, q = teacher, written as an f-divergence
+    #    D_f = E_{y~p}[f(u)], u = q(y)/p(y) (OPD+ eq. 1).
+    divergence: str = h(
+        "per-position divergence between student p and teacher q: reverse_kl KL(p||q), forward_kl KL(q||p), "
+        "jsd (generalized JSD, see beta), tv (total variation), alpha (Amari alpha-divergence, see alpha)",
+        default="reverse_kl",
+    )
+    beta: float = h(
+        "jsd only: JSD_beta = beta*KL(q||M) + (1-beta)*KL(p||M), M = beta*q + (1-beta)*p (GKD/TRL convention); "
+        "beta=0 is forward KL and beta=1 reverse KL (the limits of JSD_beta/beta and JSD_beta/(1-beta))",
+        default=0.5,
+    )
+    alpha: float = h(
+        "alpha only: f(u) = (u^alpha - 1 - alpha*(u-1)) / (alpha*(alpha-1)); alpha=1 is forward KL, alpha=0 "
+        "reverse KL, alpha=0.5 is 4x squared Hellinger; Amari's alpha_A = 2*alpha - 1",
+        default=0.5,
+    )
+    # 2. estimator: which teacher signal the objective needs
+    estimator: str = h(
+        "sampled: only the sampled token's teacher log-prob (policy gradient); topk: teacher top-K support, both "
+        "distributions renormalised on it; full: exact divergence over the whole vocabulary, chunked",
+        default="sampled",
+    )
+    gradient: str = h(
+        "sampled only: stopgrad = vanilla OPD advantage -f(u); corrected = OPD+ advantage u*f'(u) - f(u) "
+        "(unbiased for every f; for reverse_kl the two differ by a constant baseline)",
+        default="stopgrad",
+    )
+    top_k: int = h("topk only: size K of the teacher's top-K support", default=16)
+    topk_tail: bool = h("topk only: add the mass outside the support as one extra category", default=False)
+    topk_include_sampled: bool = h("topk only: add the sampled token to the support when it is not in it", default=False)
+    chunk_size: int = h("full only: positions per chunk; peak extra memory O(chunk_size x V)", default=1024)
+    # 3. reward map (sampled only)
+    reward: str = h(
+        "sampled only: divergence = the advantage given by `gradient` (for reverse_kl the log-ratio "
+        "log q - log p); power = PowerOPD reward q^a - p^a (bounded in [-1, 1])",
+        default="divergence",
+    )
+    power_a: float = h("power reward exponent a > 0 (PowerOPD eq. 4); a -> 0 recovers a * log-ratio", default=1.0)
+    transform: str = h(
+        "sampled only, applied to the reward after the map: none, clip (to [clip_low, clip_high]), tanh, zscore "
+        "(over the valid tokens of the batch), signmaxabs (divide by the batch's max |reward|)",
+        default="none",
+    )
+    clip_low: float = h("clip transform: lower bound (PowerOPD used -1)", default=-1.0)
+    clip_high: float = h("clip transform: upper bound (PowerOPD used 1)", default=1.0)
+    log_ratio_bound: float = h(
+        "numerical guard: |log q - log p| is clamped to this before computing u = q/p in sampled rewards "
+        "(a teacher log-prob of -inf gives a finite reward); far beyond real log-ratios",
+        default=50.0,
+    )
+    # 4. credit assignment
+    gamma: float = h(
+        "discount in [0, 1] for the reward-to-go: 0 = token-level (each token its own reward), 1 = sequence-level",
+        default=0.0,
+    )
+    # 5. policy-gradient form
+    pg: str = h(
+        "sampled only: reinforce (-A * log p) or ppo (clipped importance ratio p/p_old, several epochs per rollout)",
+        default="reinforce",
+    )
+    eps_low: float = h("ppo: ratio clipped below at 1 - eps_low", default=0.2)
+    eps_high: float = h("ppo: ratio clipped above at 1 + eps_high", default=0.2)
+    # 6. token selection
+    entropy_keep_fraction: float = h(
+        "keep only this fraction of the valid tokens with the highest entropy (1.0 keeps all)", default=1.0
+    )
+    entropy_source: str = h("whose entropy ranks tokens: student or teacher (teacher needs topk or full)", default="student")
+    # 7. aggregation
+    aggregation: str = h(
+        "token_mean (sum / global token count), seq_mean_token_mean (mean over sequences of per-sequence token "
+        "means), sum",
+        default="token_mean",
+    )
+    # 8. task reward (OPD-RL hybrid)
+    task_reward_coef: float = h(
+        "coefficient of the per-sequence task reward added to every valid token's advantage (sampled), or "
+        "as a REINFORCE term on the sequence log-prob (topk/full); 0 disables",
+        default=0.0,
+    )
+
+    def __post_init__(self) -> None:
+        _choice("divergence", self.divergence, DIVERGENCES)
+        _choice("estimator", self.estimator, ESTIMATORS)
+        _choice("gradient", self.gradient, GRADIENTS)
+        _choice("reward", self.reward, REWARDS)
+        _choice("transform", self.transform, TRANSFORMS)
+        _choice("pg", self.pg, PG_FORMS)
+        _choice("entropy_source", self.entropy_source, ENTROPY_SOURCES)
+        _choice("aggregation", self.aggregation, AGGREGATIONS)
+        _in_range("beta", self.beta, 0.0, 1.0)
+        _in_range("alpha", self.alpha, -1e6, 1e6)
+        _in_range("power_a", self.power_a, 0.0, math.inf, lo_open=True, hi_open=True)
+        _in_range("gamma", self.gamma, 0.0, 1.0)
+        _in_range("eps_low", self.eps_low, 0.0, 1.0, hi_open=True)
+        _in_range("eps_high", self.eps_high, 0.0, math.inf, hi_open=True)
+        _in_range("entropy_keep_fraction", self.entropy_keep_fraction, 0.0, 1.0, lo_open=True)
+        _in_range("log_ratio_bound", self.log_ratio_bound, 0.0, 700.0, lo_open=True)
+        _in_range("task_reward_coef", self.task_reward_coef, -math.inf, math.inf, lo_open=True, hi_open=True)
+        _in_range("clip_low", self.clip_low, -math.inf, math.inf, lo_open=True, hi_open=True)
+        _in_range("clip_high", self.clip_high, -math.inf, math.inf, lo_open=True, hi_open=True)
+        if self.clip_low >= self.clip_high:
+            raise ValueError(f"objective.clip_low={self.clip_low} must be below objective.clip_high={self.clip_high}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
+            raise ValueError(f"objective.top_k={self.top_k!r} must be an integer >= 1 (and <= vocab size)")
+        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
+            raise ValueError(f"objective.chunk_size={self.chunk_size!r} must be an integer >= 1")
+        if self.reward == "power" and (self.divergence != "reverse_kl" or self.gradient != "stopgrad"):
+            raise ValueError(
+                "objective.reward='power' is PowerOPD's reverse-KL reward q^a - p^a (stop-gradient, eq. 4): set "
+                "objective.divergence=reverse_kl and objective.gradient=stopgrad"
+            )
+        if self.entropy_source == "teacher" and self.estimator == "sampled" and self.entropy_keep_fraction < 1.0:
+            raise ValueError(
+                "objective.entropy_source='teacher' needs estimator topk or full (a sampled teacher signal has no "
+                "entropy); use entropy_source=student"
+            )
+
+    @property
+    def teacher_signal(self) -> str:
+        """The teacher signal this objective needs: 'sampled', 'topk' or 'full'."""
+        return self.estimator
+
+    @property
+    def needs_sampled_teacher_logprobs(self) -> bool:
+        """topk with the sampled token in the support also needs the sampled token's teacher log-prob."""
+        return self.estimator == "sampled" or (self.estimator == "topk" and self.topk_include_sampled)
+
+    @property
+    def uses_old_logprobs(self) -> bool:
+        return self.estimator == "sampled" and self.pg == "ppo"

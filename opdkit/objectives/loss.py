@@ -1,0 +1,228 @@
+"""The public entry points: per-token OPD loss + metrics, advantages, and aggregation.
+
+    per_token, metrics = opd_per_token_loss(cfg, tokens_BT=..., mask_BT=..., teacher=signal, logits_BTV=...)
+    loss = aggregate(per_token.loss_BT, per_token.mask_BT, cfg.aggregation, num_tokens=global_count)
+
+or `opd_loss(...)` for both at once. For several micro-batches or processes, compute advantages once on the whole
+rollout batch with `compute_advantages` (batch statistics such as z-score and entropy selection then do not depend
+on the split) and pass them as `advantages_BT`; aggregate every micro-batch with the global token count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from opdkit.objectives import sampled as S
+from opdkit.objectives.config import ObjectiveConfig
+from opdkit.objectives.dense import StudentSource, chunked_positions
+from opdkit.objectives.divergences import Divergence, make_divergence
+from opdkit.objectives.signals import FullSignal, SampledSignal, TeacherSignal, TopKSignal
+
+
+@dataclass
+class PerTokenLoss:
+    loss_BT: Tensor          # per-token loss (zero where mask_BT is False)
+    mask_BT: Tensor          # tokens that count: caller's mask & entropy selection
+    advantages_BT: Tensor | None  # sampled estimators: the (detached) advantages used
+
+
+def divergence_of(cfg: ObjectiveConfig) -> Divergence:
+    return make_divergence(cfg.divergence, beta=cfg.beta, alpha=cfg.alpha)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _check_inputs(cfg: ObjectiveConfig, src: StudentSource, tokens_BT: Tensor, mask_BT: Tensor,
+                  teacher: TeacherSignal, old_logprobs_BT, task_rewards_B, advantages_BT) -> None:
+    if src.logits_BTV is None and (src.hidden_BTH is None or src.head_weight_VH is None):
+        raise ValueError("student: give logits_BTV, or hidden_BTH together with lm_head_weight_VH")
+    if src.logits_BTV is not None and src.logits_BTV.dim() != 3:
+        raise ValueError(f"logits_BTV must be [B, T, V], got shape {tuple(src.logits_BTV.shape)}")
+    if src.logits_BTV is None:
+        if src.hidden_BTH.dim() != 3 or src.head_weight_VH.dim() != 2 or \
+                src.hidden_BTH.shape[-1] != src.head_weight_VH.shape[1]:
+            raise ValueError(f"hidden_BTH [B, T, H] {tuple(src.hidden_BTH.shape)} and lm_head_weight_VH [V, H] "
+                             f"{tuple(src.head_weight_VH.shape)} do not fit")
+    B, T = src.shape_BT
+    V = src.vocab_size
+    for name, t in (("tokens_BT", tokens_BT), ("mask_BT", mask_BT)):
+        if tuple(t.shape) != (B, T):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected [B, T] = {(B, T)} from the student")
+    if tokens_BT.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens_BT must be an integer tensor, got {tokens_BT.dtype}")
+    if tokens_BT.numel() and (int(tokens_BT.min()) < 0 or int(tokens_BT.max()) >= V):
+        raise ValueError(f"tokens_BT has ids outside [0, {V}) (vocab size of the student)")
+    if teacher.kind != cfg.teacher_signal:
+        raise ValueError(f"teacher signal is {teacher.kind!r} but objective.estimator={cfg.estimator!r} needs "
+                         f"{cfg.teacher_signal!r}")
+    if tuple(teacher.shape_BT()) != (B, T):
+        raise ValueError(f"teacher signal has [B, T] = {tuple(teacher.shape_BT())}, expected {(B, T)}")
+    if isinstance(teacher, TopKSignal):
+        if cfg.top_k > V:
+            raise ValueError(f"objective.top_k={cfg.top_k} must be <= the vocabulary size {V}")
+        if tuple(teacher.logprobs_BTK.shape) != (B, T, cfg.top_k) or tuple(teacher.ids_BTK.shape) != (B, T, cfg.top_k):
+            raise ValueError(f"top-K signal must be [B, T, K] = {(B, T, cfg.top_k)} (objective.top_k), got "
+                             f"logprobs {tuple(teacher.logprobs_BTK.shape)} ids {tuple(teacher.ids_BTK.shape)}")
+        if teacher.ids_BTK.numel() and (int(teacher.ids_BTK.min()) < 0 or int(teacher.ids_BTK.max()) >= V):
+            raise ValueError(f"top-K ids outside [0, {V})")
+        if cfg.topk_include_sampled and (teacher.sampled_logprobs_BT is None or
+                                         tuple(teacher.sampled_logprobs_BT.shape) != (B, T)):
+            raise ValueError("objective.topk_include_sampled=true needs TopKSignal.sampled_logprobs_BT of shape [B, T]")
+    if isinstance(teacher, FullSignal) and teacher.vocab_size() != V:
+        raise ValueError(f"full teacher signal has vocab {teacher.vocab_size()}, student has {V}")
+    for name, t, shape in (("old_logprobs_BT", old_logprobs_BT, (B, T)), ("advantages_BT", advantages_BT, (B, T)),
+                           ("task_rewards_B", task_rewards_B, (B,))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+    if advantages_BT is not None and cfg.estimator != "sampled":
+        raise ValueError("advantages_BT applies to objective.estimator=sampled only")
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def _stats(prefix: str, x_BT: Tensor, mask_BT: Tensor, by_position: bool = False) -> dict:
+    m = mask_BT.bool()
+    vals = x_BT.detach()[m].double()
+    if vals.numel() == 0:
+        out = {f"{prefix}/{k}": 0.0 for k in ("mean", "std", "min", "max", "p05", "p50", "p95")}
+    else:
+        q = torch.quantile(vals, torch.tensor([0.05, 0.5, 0.95], dtype=vals.dtype)) if vals.numel() < 2**24 \
+            else vals.new_zeros(3)
+        out = {f"{prefix}/mean": vals.mean().item(), f"{prefix}/std": vals.std(unbiased=False).item(),
+               f"{prefix}/min": vals.min().item(), f"{prefix}/max": vals.max().item(),
+               f"{prefix}/p05": q[0].item(), f"{prefix}/p50": q[1].item(), f"{prefix}/p95": q[2].item()}
+    if by_position:
+        x = x_BT.detach().double()
+        cnt = m.sum(0)
+        big = torch.finfo(torch.float64).max
+        out[f"{prefix}_by_position/count"] = cnt.tolist()
+        out[f"{prefix}_by_position/mean"] = ((x * m).sum(0) / cnt.clamp(min=1)).tolist()
+        if x.shape[0] == 0:
+            zeros = [0.0] * x.shape[1]
+            out[f"{prefix}_by_position/min"], out[f"{prefix}_by_position/max"] = zeros, list(zeros)
+        else:
+            out[f"{prefix}_by_position/min"] = torch.where(cnt > 0, x.masked_fill(~m, big).amin(0), 0.0).tolist()
+            out[f"{prefix}_by_position/max"] = torch.where(cnt > 0, x.masked_fill(~m, -big).amax(0), 0.0).tolist()
+    return out
+
+
+def _masked_mean(x_BT: Tensor, mask_BT: Tensor) -> float:
+    m = mask_BT.bool()
+    return x_BT.detach()[m].double().mean().item() if m.any() else 0.0
+
+
+# ----------------------------------------------------------------------------------------------- advantages
+def compute_advantages(cfg: ObjectiveConfig, student_logprobs_BT: Tensor, teacher_logprobs_BT: Tensor,
+                       mask_BT: Tensor, task_rewards_B: Tensor | None = None,
+                       divergence: Divergence | None = None) -> tuple[Tensor, dict]:
+    """Sampled-token advantages [B, T] (float64, detached, zero where masked) and reward metrics.
+
+    reward (divergence advantage or PowerOPD) -> transform -> discounted reward-to-go (gamma) -> + coef * task
+    reward on every valid token (an outcome reward with gamma = 1, GRPO-style broadcast)."""
+    div = divergence or divergence_of(cfg)
+    m = mask_BT.bool()
+    reward = S.token_rewards(cfg, div, student_logprobs_BT, teacher_logprobs_BT)
+    transformed = S.transform_rewards(cfg, reward, m)
+    adv = S.discounted_returns(transformed, m, cfg.gamma)
+    if task_rewards_B is not None and cfg.task_reward_coef != 0.0:
+        adv = adv + cfg.task_reward_coef * task_rewards_B.detach().double()[:, None] * m
+    lr = S.log_ratio(student_logprobs_BT, teacher_logprobs_BT, cfg.log_ratio_bound)
+    metrics = {
+        **_stats("reward", reward, m, by_position=True),
+        **_stats("log_ratio", lr, m),
+        "advantage/mean": _masked_mean(adv, m),
+        "advantage/abs_max": adv.abs().max().item() if adv.numel() else 0.0,
+        # k1 and k3 estimators of the per-token reverse KL (Schulman, "Approximating KL divergence").
+        "kl": _masked_mean(-lr, m),
+        "kl_k3": _masked_mean(torch.expm1(lr.clamp(max=30.0)) - lr, m),
+    }
+    if task_rewards_B is not None and task_rewards_B.numel():
+        metrics["task_reward/mean"] = task_rewards_B.double().mean().item()
+    return adv, metrics
+
+
+# ----------------------------------------------------------------------------------------------- main entry
+def opd_per_token_loss(cfg: ObjectiveConfig, *, tokens_BT: Tensor, mask_BT: Tensor, teacher: TeacherSignal,
+                       logits_BTV: Tensor | None = None, hidden_BTH: Tensor | None = None,
+                       lm_head_weight_VH: Tensor | None = None, lm_head_bias_V: Tensor | None = None,
+                       temperature: float = 1.0, old_logprobs_BT: Tensor | None = None,
+                       advantages_BT: Tensor | None = None, task_rewards_B: Tensor | None = None,
+                       divergence: Divergence | None = None) -> tuple[PerTokenLoss, dict]:
+    """Per-token OPD loss for any objective configuration, plus metrics.
+
+    Student: `logits_BTV` [B, T, V], or `hidden_BTH` [B, T, H] + `lm_head_weight_VH` [V, H] (chunked: no [B, T, V]).
+    Position t is the distribution that produced `tokens_BT[:, t]`. `mask_BT`: tokens that may count (response
+    tokens up to EOS, special tokens already masked by the caller). `teacher`: the signal `cfg.teacher_signal`
+    names. `old_logprobs_BT`: sampler log-probs for PPO (default: current, detached). `advantages_BT`: precomputed
+    by `compute_advantages` (sampled only). `task_rewards_B`: per-sequence task reward (OPD-RL hybrid).
+    `divergence`: a custom `Divergence` overriding `cfg.divergence`."""
+    src = StudentSource(logits_BTV, hidden_BTH, lm_head_weight_VH, lm_head_bias_V, temperature)
+    _check_inputs(cfg, src, tokens_BT, mask_BT, teacher, old_logprobs_BT, task_rewards_B, advantages_BT)
+    div = divergence or divergence_of(cfg)
+    mask = mask_BT.bool()
+    select_teacher = cfg.entropy_keep_fraction < 1.0 and cfg.entropy_source == "teacher"
+    need_ent_s = True  # student entropy is always reported; it is cheap next to the log-softmax itself
+    dense_teacher = teacher if isinstance(teacher, (FullSignal, TopKSignal)) else None
+    cols = chunked_positions(cfg, div, src, tokens_BT, mask, dense_teacher, need_ent_s)
+    logp = cols["logp"]
+
+    keep = S.select_by_entropy(cols["ent_t"] if select_teacher else cols["ent_s"], mask, cfg.entropy_keep_fraction)
+    metrics: dict = {"masked_frac": 1.0 - (mask.sum().item() / max(mask.numel(), 1)),
+                     "selected_frac": keep.sum().item() / max(mask.sum().item(), 1),
+                     "num_tokens": int(keep.sum().item()),
+                     "entropy/student": _masked_mean(cols["ent_s"], mask)}
+    adv = None
+    if isinstance(teacher, SampledSignal):
+        if advantages_BT is None:
+            base = old_logprobs_BT if old_logprobs_BT is not None else logp
+            adv, m_adv = compute_advantages(cfg, base, teacher.logprobs_BT, keep, task_rewards_B, div)
+            metrics.update(m_adv)
+        else:
+            adv = advantages_BT.detach() * keep
+        loss, clipped = S.pg_token_loss(cfg, logp, adv, old_logprobs_BT)
+        metrics["clip_frac"] = clipped[keep].double().mean().item() if keep.any() else 0.0
+    else:
+        loss = cols["div"]
+        metrics.update(_stats("reward", -cols["div"], keep, by_position=True))
+        metrics["kl"] = _masked_mean(cols["kl"], keep)
+        metrics["divergence"] = _masked_mean(cols["div"], keep)
+        metrics["entropy/teacher"] = _masked_mean(cols["ent_t"], keep)
+        if task_rewards_B is not None and cfg.task_reward_coef != 0.0:
+            # OPD-RL hybrid for dense estimators: REINFORCE on the task reward, -coef * R * log p(y_t).
+            loss = loss - cfg.task_reward_coef * task_rewards_B.detach().to(logp.dtype)[:, None] * logp
+            metrics["task_reward/mean"] = task_rewards_B.double().mean().item() if task_rewards_B.numel() else 0.0
+        metrics["clip_frac"] = 0.0
+    loss = loss * keep.to(loss.dtype)
+    return PerTokenLoss(loss, keep, adv), metrics
+
+
+def aggregate(loss_BT: Tensor, mask_BT: Tensor, mode: str = "token_mean", *, num_tokens: float | None = None,
+              num_sequences: float | None = None) -> Tensor:
+    """Reduce a per-token loss to a scalar, separately from computing it.
+
+    token_mean:          sum(loss) / num_tokens; pass the GLOBAL token count (all micro-batches and processes) so
+                         the gradient does not depend on how the batch is split. Default: this batch's count.
+    seq_mean_token_mean: sum over sequences of (per-sequence token mean) / num_sequences (global count).
+    sum:                 sum(loss)."""
+    m = mask_BT.to(loss_BT.dtype)
+    if mode == "token_mean":
+        n = float(m.sum().item()) if num_tokens is None else float(num_tokens)
+        return (loss_BT * m).sum() / max(n, 1.0)
+    if mode == "seq_mean_token_mean":
+        per_seq = (loss_BT * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+        n = float((m.sum(-1) > 0).sum().item()) if num_sequences is None else float(num_sequences)
+        return per_seq.sum() / max(n, 1.0)
+    if mode == "sum":
+        return (loss_BT * m).sum()
+    raise ValueError(f"objective.aggregation={mode!r} is not one of token_mean, seq_mean_token_mean, sum")
+
+
+def opd_loss(cfg: ObjectiveConfig, *, num_tokens: float | None = None, num_sequences: float | None = None,
+             **kwargs) -> tuple[Tensor, dict]:
+    """`opd_per_token_loss` followed by `aggregate(cfg.aggregation)`; returns (scalar loss, metrics)."""
+    per_token, metrics = opd_per_token_loss(cfg, **kwargs)
+    loss = aggregate(per_token.loss_BT, per_token.mask_BT, cfg.aggregation, num_tokens=num_tokens,
+                     num_sequences=num_sequences)
+    metrics["loss"] = loss.item()
+    return loss, metrics

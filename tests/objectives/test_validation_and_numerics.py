@@ -1,0 +1,146 @@
+"""Bad configuration / shapes raise a ValueError naming the field; extreme inputs give no NaN/Inf (fuzzed)."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from opdkit.objectives import FullSignal, ObjectiveConfig, SampledSignal, TopKSignal, opd_loss
+from opdkit.objectives.config import DIVERGENCES, TRANSFORMS
+from tests.objectives.helpers import random_problem, signal_for
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"power_a": 0.0, "reward": "power"}, "power_a"), ({"power_a": -1.0}, "power_a"),
+    ({"beta": 1.5}, "beta"), ({"beta": -0.1}, "beta"), ({"top_k": 0}, "top_k"), ({"gamma": 1.1}, "gamma"),
+    ({"gamma": -0.5}, "gamma"), ({"divergence": "kl"}, "divergence"), ({"estimator": "dense"}, "estimator"),
+    ({"gradient": "none"}, "gradient"), ({"transform": "log"}, "transform"), ({"pg": "grpo"}, "pg"),
+    ({"aggregation": "mean"}, "aggregation"), ({"eps_low": 1.0}, "eps_low"), ({"chunk_size": 0}, "chunk_size"),
+    ({"entropy_keep_fraction": 0.0}, "entropy_keep_fraction"), ({"clip_low": 2.0, "clip_high": 1.0}, "clip_low"),
+    ({"reward": "power", "divergence": "forward_kl"}, "reward"),
+    ({"entropy_source": "teacher", "entropy_keep_fraction": 0.5}, "entropy_source"),
+    ({"beta": float("nan")}, "beta"),
+])
+def test_invalid_config_names_the_field(kw, field):
+    with pytest.raises(ValueError, match=rf"objective\.{field}"):
+        ObjectiveConfig(**kw)
+
+
+def test_unknown_name_lists_allowed_values():
+    with pytest.raises(ValueError, match="reverse_kl, forward_kl, jsd, tv, alpha"):
+        ObjectiveConfig(divergence="kld")
+
+
+def _call(cfg, **over):
+    logits, teacher, tokens, mask = random_problem(B=2, T=4, V=6)
+    kw = dict(tokens_BT=tokens, mask_BT=mask, logits_BTV=logits)
+    kw.update(over)
+    if "teacher" not in kw:
+        kw["teacher"] = signal_for(cfg, teacher, tokens)
+    return opd_loss(cfg, **kw)
+
+
+@pytest.mark.parametrize("over,msg", [
+    (dict(tokens_BT=torch.zeros(2, 5, dtype=torch.long)), "tokens_BT"),
+    (dict(mask_BT=torch.ones(3, 4, dtype=torch.bool)), "mask_BT"),
+    (dict(tokens_BT=torch.full((2, 4), 6)), "tokens_BT"),
+    (dict(tokens_BT=torch.zeros(2, 4)), "tokens_BT"),
+    (dict(teacher=SampledSignal(torch.zeros(2, 3))), "teacher signal"),
+    (dict(teacher=FullSignal(torch.zeros(2, 4, 6))), "teacher signal is 'full'"),
+    (dict(old_logprobs_BT=torch.zeros(2, 3)), "old_logprobs_BT"),
+    (dict(task_rewards_B=torch.zeros(3)), "task_rewards_B"),
+    (dict(logits_BTV=torch.zeros(2, 4)), "logits_BTV"),
+])
+def test_shape_mismatches_raise_before_compute(over, msg):
+    with pytest.raises(ValueError, match=msg):
+        _call(ObjectiveConfig(), **over)
+
+
+def test_topk_shape_and_range_errors():
+    with pytest.raises(ValueError, match="top_k"):
+        _call(ObjectiveConfig(estimator="topk", top_k=7),  # V = 6
+              teacher=TopKSignal(torch.zeros(2, 4, 7), torch.zeros(2, 4, 7, dtype=torch.long)))
+    cfg = ObjectiveConfig(estimator="topk", top_k=3)
+    with pytest.raises(ValueError, match=r"\[B, T, K\]"):
+        _call(cfg, teacher=TopKSignal(torch.zeros(2, 4, 2), torch.zeros(2, 4, 2, dtype=torch.long)))
+    with pytest.raises(ValueError, match="sampled_logprobs_BT"):
+        _call(ObjectiveConfig(estimator="topk", top_k=3, topk_include_sampled=True),
+              teacher=TopKSignal(torch.zeros(2, 4, 3), torch.zeros(2, 4, 3, dtype=torch.long)))
+    with pytest.raises(ValueError, match="full teacher signal has vocab"):
+        _call(ObjectiveConfig(estimator="full"), teacher=FullSignal(torch.zeros(2, 4, 5)))
+
+
+# ------------------------------------------------------------------------------------------------ numerics
+def _all_configs():
+    out = []
+    for div, est, grad in itertools.product(DIVERGENCES, ("sampled", "topk", "full"), ("stopgrad", "corrected")):
+        if est != "sampled" and grad == "corrected":
+            continue
+        out.append(dict(divergence=div, estimator=est, gradient=grad))
+    for tr in TRANSFORMS:
+        out.append(dict(transform=tr, pg="ppo", gamma=0.9))
+    out.append(dict(reward="power", power_a=0.5, transform="tanh"))
+    out.append(dict(estimator="topk", topk_tail=True, topk_include_sampled=True, divergence="forward_kl"))
+    out.append(dict(estimator="full", entropy_keep_fraction=0.5, entropy_source="teacher", divergence="alpha",
+                    alpha=2.0))
+    out.append(dict(estimator="sampled", entropy_keep_fraction=0.3, aggregation="seq_mean_token_mean",
+                    task_reward_coef=0.5))
+    return out
+
+
+CONFIGS = _all_configs()
+
+
+def _finite_everything(cfg_kw, logits, teacher, tokens, mask, old=None, dtype=torch.float32):
+    cfg = ObjectiveConfig(top_k=min(3, logits.shape[-1]), **cfg_kw)
+    lg = logits.to(dtype).clone().requires_grad_(True)
+    sig = signal_for(cfg, teacher.to(dtype), tokens)
+    R = torch.linspace(-1, 1, logits.shape[0]) if logits.shape[0] else torch.zeros(0)
+    loss, metrics = opd_loss(cfg, tokens_BT=tokens, mask_BT=mask, teacher=sig, logits_BTV=lg, old_logprobs_BT=old,
+                             task_rewards_B=R)
+    loss.backward()
+    assert torch.isfinite(loss), (cfg_kw, loss)
+    assert torch.isfinite(lg.grad).all(), cfg_kw
+    for k, v in metrics.items():
+        vals = v if isinstance(v, list) else [v]
+        assert all(abs(x) != float("inf") and x == x for x in vals), (cfg_kw, k, v)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    cfg_i=st.integers(0, len(CONFIGS) - 1),
+    B=st.integers(0, 3), T=st.integers(1, 5), V=st.integers(3, 7),
+    scale=st.sampled_from([1.0, 30.0, 1e4]),
+    teacher_zero=st.booleans(), all_masked_row=st.booleans(), seed=st.integers(0, 10_000),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_fuzz_no_nan_or_inf(cfg_i, B, T, V, scale, teacher_zero, all_masked_row, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    logits = scale * torch.randn(B, T, V, generator=g)
+    teacher = torch.log_softmax(scale * torch.randn(B, T, V, generator=g), -1)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    if teacher_zero and B:
+        # probability exactly 0 for the sampled token (and for a whole row of the vocab at one position)
+        teacher[0].scatter_(-1, tokens[0][:, None], float("-inf"))
+        teacher[0, 0, : V // 2] = float("-inf")
+    mask = torch.rand(B, T, generator=g) > 0.3
+    if all_masked_row and B:
+        mask[0] = False
+    old = torch.log_softmax(scale * torch.randn(B, T, V, generator=g), -1).gather(-1, tokens[..., None]).squeeze(-1)
+    _finite_everything(CONFIGS[cfg_i], logits, teacher, tokens, mask, old, dtype)
+
+
+@pytest.mark.parametrize("cfg_kw", CONFIGS)
+def test_every_combination_on_extreme_inputs(cfg_kw):
+    """Deterministic sweep of every combination over the hard cases (the fuzz above samples them randomly)."""
+    B, T, V = 2, 4, 5
+    logits = torch.tensor([1e4, -1e4, 0.0, 3.0, -3.0]).repeat(B, T, 1)
+    teacher = torch.log_softmax(torch.tensor([0.0, 0.0, -1e4, 2.0, -2.0]).repeat(B, T, 1), -1)
+    teacher[..., 2] = float("-inf")
+    tokens = torch.tensor([[2, 1, 0, 2], [1, 2, 3, 4]])
+    mask = torch.tensor([[True, True, True, True], [False, False, False, False]])
+    _finite_everything(cfg_kw, logits, teacher, tokens, mask)
+    _finite_everything(cfg_kw, logits[:0], teacher[:0], tokens[:0], mask[:0])  # empty batch
+    _finite_everything(cfg_kw, logits, teacher, tokens, torch.zeros_like(mask))  # nothing valid
