@@ -100,3 +100,10 @@ def test_corrected_advantages_closed_forms():
                           (1 - b) * torch.log(b * u + 1 - b))
     lu_tv = torch.tensor([-1.0, -0.1, 0.2, 2.0], dtype=DT)
     assert torch.allclose(make_divergence("tv").advantage(lu_tv, "corrected"), 0.5 * torch.sign(lu_tv))
+
+
+@pytest.mark.parametrize("alpha", [-0.5, 0.5, 2.0])
+def test_alpha_corrected_advantage_is_box_cox(alpha):
+    lu = torch.linspace(-2, 2, 9, dtype=DT)
+    got = make_divergence("alpha", alpha=alpha).advantage(lu, "corrected")
+    assert torch.allclose(got, (torch.exp(alpha * lu) - 1) / alpha)
