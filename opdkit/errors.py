@@ -1,0 +1,77 @@
+"""User-facing errors and the CLI wrapper that turns them into one line on stderr and exit code 2.
+
+`UserError` is for bad user input (a missing file, an unknown or ill-typed config key, a knob out of range, a run dir
+that holds another run). The CLI prints `opdkit: error: <message>` as ONE line and exits with code 2. A ValueError
+raised by a config dataclass's `__post_init__` (field validation) is treated the same way; any other exception is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, Sequence, TextIO
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UserError(Exception):
+    """Bad user input: files, config fields, knobs. The message must say what is wrong and how to fix it."""
+
+
+def one_line(message: object) -> str:
+    """`message` as a single line (newlines folded into spaces, surrounding blanks stripped)."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def is_config_validation_error(exc: BaseException) -> bool:
+    """True for a ValueError raised (directly or indirectly) inside a dataclass `__post_init__` (config validation)."""
+    if not isinstance(exc, ValueError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "__post_init__":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def format_error(exc: BaseException) -> str:
+    return f"opdkit: error: {one_line(exc)}"
+
+
+def run_cli(
+    fn: Callable[[Sequence[str]], int | None], argv: Sequence[str] | None = None, *, stderr: TextIO | None = None
+) -> int:
+    """Call `fn(argv)` and return its exit code (None -> 0).
+
+    UserError, and ValueError raised by config validation (`__post_init__`), are printed as
+    `opdkit: error: <message>` (one line) to stderr and give exit code 2. KeyboardInterrupt gives 130.
+    Any other exception propagates with its traceback (it is a bug, not a user error).
+    """
+    err = stderr if stderr is not None else sys.stderr
+    try:
+        code = fn(list(sys.argv[1:] if argv is None else argv))
+    except UserError as exc:
+        print(format_error(exc), file=err, flush=True)
+        return EXIT_USAGE
+    except ValueError as exc:
+        if not is_config_validation_error(exc):
+            raise
+        print(format_error(exc), file=err, flush=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("opdkit: interrupted", file=err, flush=True)
+        return EXIT_INTERRUPTED
+    return 0 if code is None else int(code)
+
+
+def cli_entry(fn: Callable[[Sequence[str]], int | None]) -> Callable[[Sequence[str] | None], int]:
+    """Decorator: `main(argv)` -> a function that returns an exit code via `run_cli` (use `sys.exit(main())`)."""
+
+    @functools.wraps(fn)
+    def wrapper(argv: Sequence[str] | None = None) -> int:
+        return run_cli(fn, argv)
+
+    return wrapper

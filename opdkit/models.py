@@ -1,0 +1,351 @@
+"""Loading student / teacher models, checking that they can be distilled into each other, LoRA.
+
+- `load_causal_lm(spec)`: a local HF model directory, a `.gguf` file (dequantized once, then cached as safetensors),
+  or a config (dict / PretrainedConfig) for a randomly initialised model. Never contacts a model hub.
+- `check_compatible(student_tok, teacher_tok, student_model, teacher_model)`: before any compute, check that both
+  distributions are over the same token ids (vocab, special tokens, chat template, output dims); a mismatch raises
+  ONE-line UserError naming what differs.
+- `apply_lora(model, r, alpha, dropout, target_modules)`: peft LoRA adapters.
+- `tiny_tokenizer()` / `tiny_llama()`: a char-level tokenizer and a tiny random Llama for tests and smoke runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from opdkit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+GGUF_CACHE_ENV = "OPDKIT_GGUF_CACHE"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": True}
+    if gguf_file is not None:
+        kw["gguf_file"] = gguf_file
+    return AutoTokenizer.from_pretrained(str(path), **kw)
+
+
+def gguf_cache_path(gguf_path: str | os.PathLike, cache_root: str | os.PathLike | None = None) -> Path:
+    """Where the dequantized safetensors copy of `gguf_path` lives: <root>/<stem>-<size>-<hash of mtime+abs path>.
+
+    root: `cache_root`, else $OPDKIT_GGUF_CACHE, else ~/.cache/opdkit/gguf. A changed file (size or mtime) gets a new
+    entry, so a stale copy is never used.
+    """
+    p = Path(gguf_path).expanduser().resolve()
+    st = p.stat()
+    h = hashlib.sha1(f"{p}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    root = Path(cache_root or os.environ.get(GGUF_CACHE_ENV) or Path.home() / ".cache" / "opdkit" / "gguf")
+    return root.expanduser() / f"{p.stem}-{st.st_size}-{h}"
+
+
+def _is_complete_cache(d: Path) -> bool:
+    return (d / "config.json").is_file() and (d / ".opdkit_complete").is_file()
+
+
+def _strip_quantizer(model) -> None:
+    """A GGUF-loaded model carries its (non-serializable) GGUF quantizer; after dequantization it is a plain model.
+    `save_pretrained` refuses it until the quantizer and `config.quantization_config` are gone."""
+    model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in getattr(model, "__dict__", {}):
+            delattr(model, attr)
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        try:
+            delattr(cfg, "quantization_config")
+        except AttributeError:
+            cfg.quantization_config = None
+
+
+def _load_gguf(path: Path, *, dtype, trust_remote_code: bool, gguf_cache_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    cache = gguf_cache_path(path, gguf_cache_dir)
+    if _is_complete_cache(cache):
+        log.info("loading dequantized copy of %s from %s", path, cache)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(cache), dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True
+        )
+        tok = tokenizer if tokenizer is not None else _load_tokenizer(cache, trust_remote_code=trust_remote_code)
+        return model, tok
+
+    log.info("dequantizing %s (slow once; cached at %s)", path, cache)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, trust_remote_code=trust_remote_code,
+            local_files_only=True,
+        )
+        tok = _load_tokenizer(path.parent, trust_remote_code=trust_remote_code, gguf_file=path.name)
+    except (ValueError, OSError, KeyError) as exc:
+        raise UserError(f"cannot load GGUF file {path}: {exc}; fix: give a GGUF of a supported architecture") from exc
+    _strip_quantizer(model)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".tmp-", dir=cache.parent))
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / ".opdkit_complete").write_text(str(path) + "\n")
+        if cache.exists():  # an incomplete or concurrent copy
+            shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
+    except OSError as exc:  # cache is an optimisation: a read-only home must not stop the run
+        log.warning("could not cache dequantized GGUF at %s: %s", cache, exc)
+    if dtype is not None and dtype != torch.float32:
+        model = model.to(dtype)
+    return model, (tokenizer if tokenizer is not None else tok)
+
+
+def load_causal_lm(
+    spec: str | os.PathLike | dict | Any,
+    *,
+    tokenizer: Any = None,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    gguf_cache_dir: str | os.PathLike | None = None,
+):
+    """Load a causal LM and its tokenizer; returns `(model, tokenizer)`. Nothing is fetched from a hub.
+
+    spec:
+      - a local directory with a HF model (config.json + safetensors) and its tokenizer;
+      - a path to a `.gguf` file: dequantized by transformers (slow), then a safetensors copy is cached under
+        `gguf_cache_dir` (default ~/.cache/opdkit/gguf/<stem>-<size>-<hash>) and later loads read that copy;
+      - a dict (with "model_type") or a `PretrainedConfig`: a randomly initialised model; `tokenizer` is then
+        required (a tokenizer object or a local tokenizer directory).
+    tokenizer: overrides the tokenizer that would be loaded with the model (object or local path).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tp = Path(tokenizer).expanduser()
+        if not tp.exists():
+            raise UserError(f"tokenizer path {tp} does not exist; fix: give a local tokenizer directory")
+        tokenizer = _load_tokenizer(tp, trust_remote_code=trust_remote_code)
+
+    if isinstance(spec, (dict, PretrainedConfig)):
+        if isinstance(spec, dict):
+            kw = dict(spec)
+            model_type = kw.pop("model_type", None)
+            if not model_type:
+                raise UserError("model config dict has no 'model_type'; fix: add e.g. model_type: llama")
+            try:
+                config = AutoConfig.for_model(model_type, **kw)
+            except ValueError as exc:
+                raise UserError(f"model config: {exc}") from exc
+        else:
+            config = spec
+        if tokenizer is None:
+            raise UserError("a model built from a config needs a tokenizer; fix: pass tokenizer=<dir or object>")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        return model, tokenizer
+
+    if not isinstance(spec, (str, os.PathLike)):
+        raise UserError(f"model spec must be a path or a config dict, got {type(spec).__name__}")
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"model path {path} does not exist; fix: give a local model directory or a .gguf file")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UserError(f"model path {path} is a file but not a .gguf; fix: give a model directory or a .gguf file")
+        return _load_gguf(path, dtype=dtype, trust_remote_code=trust_remote_code, gguf_cache_dir=gguf_cache_dir,
+                          tokenizer=tokenizer)
+    if not (path / "config.json").is_file():
+        raise UserError(f"model directory {path} has no config.json; fix: give a directory saved by save_pretrained")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True
+    )
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(path, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# compatibility
+
+_SPECIAL_ATTRS = ("pad_token_id", "eos_token_id", "bos_token_id", "unk_token_id")
+
+
+def _special_tokens(tok) -> dict[str, Any]:
+    out: dict[str, Any] = {a: getattr(tok, a, None) for a in _SPECIAL_ATTRS}
+    decoder = getattr(tok, "added_tokens_decoder", {}) or {}
+    out["special_tokens"] = sorted(
+        (i, str(getattr(t, "content", t))) for i, t in decoder.items() if getattr(t, "special", True)
+    )
+    return out
+
+
+def _output_dim(model) -> int | None:
+    if model is None:
+        return None
+    head = model.get_output_embeddings()
+    return None if head is None else int(head.weight.shape[0])
+
+
+def _vocab_diff(s_vocab: dict[str, int], t_vocab: dict[str, int]) -> str | None:
+    if s_vocab == t_vocab:
+        return None
+    only_s = [k for k in s_vocab if k not in t_vocab]
+    only_t = [k for k in t_vocab if k not in s_vocab]
+    moved = [k for k in s_vocab if k in t_vocab and s_vocab[k] != t_vocab[k]]
+    parts = []
+    if moved:
+        k = moved[0]
+        parts.append(f"{len(moved)} tokens map to different ids (e.g. {k!r} teacher={t_vocab[k]} student={s_vocab[k]})")
+    if only_t:
+        parts.append(f"{len(only_t)} tokens only in teacher (e.g. {only_t[0]!r})")
+    if only_s:
+        parts.append(f"{len(only_s)} tokens only in student (e.g. {only_s[0]!r})")
+    return "vocab: " + ", ".join(parts)
+
+
+def check_compatible(
+    student_tok,
+    teacher_tok,
+    student_model=None,
+    teacher_model=None,
+    *,
+    check_chat_template: bool = True,
+    allow_padded_head: bool = False,
+) -> int:
+    """Check that student and teacher distributions are over the same token ids; returns the common vocab size V.
+
+    Compared (teacher first, student second in the message): len(tokenizer), the full token->id mapping, the
+    pad/eos/bos/unk ids and every added special token, the chat template (unless `check_chat_template=False`) and
+    the models' output dims (lm_head rows). Any difference raises UserError with one line listing all of them.
+
+    Output dims: lm_heads are often padded past len(tokenizer) (e.g. 151936 vs 152064 rows in one family, both >
+    len(tokenizer)). By default opdkit requires EQUAL output dims (then V = that dim). With
+    `allow_padded_head=True`, differing dims that are both >= len(tokenizer) are accepted and V = len(tokenizer): the
+    caller must then restrict both distributions to the first V ids (the padded rows are never real tokens), e.g.
+    `teacher.score(..., vocab_size=V)` and the same slice on the student logits.
+    """
+    diffs: list[str] = []
+    n_s, n_t = len(student_tok), len(teacher_tok)
+    if n_s != n_t:
+        diffs.append(f"len(tokenizer) teacher={n_t} student={n_s}")
+    vd = _vocab_diff(student_tok.get_vocab(), teacher_tok.get_vocab())
+    if vd:
+        diffs.append(vd)
+    s_sp, t_sp = _special_tokens(student_tok), _special_tokens(teacher_tok)
+    for key in _SPECIAL_ATTRS:
+        if s_sp[key] != t_sp[key]:
+            diffs.append(f"{key} teacher={t_sp[key]} student={s_sp[key]}")
+    if s_sp["special_tokens"] != t_sp["special_tokens"]:
+        s_set, t_set = set(s_sp["special_tokens"]), set(t_sp["special_tokens"])
+        ex = sorted(t_set - s_set)[:1] or sorted(s_set - t_set)[:1]
+        diffs.append(
+            f"special tokens differ ({len(t_set - s_set)} only in teacher, {len(s_set - t_set)} only in student, "
+            f"e.g. id {ex[0][0]} {ex[0][1]!r})"
+        )
+    if check_chat_template:
+        s_ct = getattr(student_tok, "chat_template", None)
+        t_ct = getattr(teacher_tok, "chat_template", None)
+        if s_ct != t_ct:
+            desc = lambda c: "none" if not c else f"{len(c)} chars"  # noqa: E731
+            diffs.append(f"chat_template teacher={desc(t_ct)} student={desc(s_ct)}")
+    d_s, d_t = _output_dim(student_model), _output_dim(teacher_model)
+    vocab = d_s if d_s is not None else (d_t if d_t is not None else n_s)
+    if d_s is not None and d_t is not None and d_s != d_t:
+        if allow_padded_head and min(d_s, d_t) >= max(n_s, n_t):
+            vocab = n_s
+        else:
+            hint = " (padded lm_head; pass allow_padded_head=True to restrict both to the first len(tokenizer) ids)"
+            diffs.append(f"output dims teacher={d_t} student={d_s}" + (hint if min(d_s, d_t) >= max(n_s, n_t) else ""))
+    for name, d in (("teacher", d_t), ("student", d_s)):
+        if d is not None and d < n_s:
+            diffs.append(f"{name} output dim {d} < len(tokenizer) {n_s}")
+    if diffs:
+        raise UserError("teacher/student mismatch: " + "; ".join(diffs) + "; fix: use models with the same tokenizer")
+    return int(vocab)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def apply_lora(
+    model,
+    r: int = 16,
+    alpha: float = 32,
+    dropout: float = 0.0,
+    target_modules: str | Sequence[str] = "all-linear",
+):
+    """Wrap `model` with peft LoRA adapters (only adapter weights trainable); returns the PeftModel.
+
+    target_modules: module-name suffixes (e.g. ["q_proj", "v_proj"]) or "all-linear" (every Linear except lm_head).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if not isinstance(r, int) or r < 1:
+        raise UserError(f"lora r={r!r} must be an integer >= 1")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise UserError(f"lora dropout={dropout!r} must be in [0, 1)")
+    tm = target_modules if isinstance(target_modules, str) else list(target_modules)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=tm, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as exc:
+        raise UserError(f"lora target_modules={tm!r}: {exc}".split("\n")[0]) from exc
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tiny models for tests and smoke runs
+
+TINY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 +-=.?"
+
+
+def tiny_tokenizer(
+    alphabet: str = TINY_ALPHABET, *, extra_special: Sequence[str] = (), chat_template: str | None = None
+):
+    """A char-level `PreTrainedTokenizerFast`: ids 0..3 = <pad>, <s>, </s>, <unk>, then `extra_special` tokens,
+    then one id per character of `alphabet`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", *extra_special]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        additional_special_tokens=list(extra_special) or None,
+    )
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    return tok
+
+
+def tiny_llama(vocab_size: int = 48, *, seed: int = 0, **overrides):
+    """A 2-layer random `LlamaForCausalLM` (hidden 32, GQA 4/2 heads), fp32, eval mode, eager attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw: dict[str, Any] = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    kw.update(overrides)
+    cfg = LlamaConfig(**kw)
+    cfg._attn_implementation = kw.get("attn_implementation", "eager")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model.eval()

@@ -1,0 +1,140 @@
+"""Answer checkers for user datasets, chosen by a spec string; each is ``fn(completion, answer) -> float`` in
+``[0, 1]`` (or whatever a user function returns) and returns 0.0 instead of raising on garbage model output.
+
+Specs:
+
+* ``"math_verify"`` — the ``math_verify`` package: ``verify(parse(answer), parse(completion))``.
+* ``"marker:<TEXT>"`` — exact match of the stripped text after the last ``<TEXT>`` in the completion (to the end
+  of that line) with the answer; if the answer itself contains ``<TEXT>`` (e.g. a GSM8K solution ending in
+  ``#### 72``), the text after its last ``<TEXT>`` is the reference.  E.g. ``marker:####``, ``marker:=>``.
+* ``"module:function"`` — a user function ``fn(completion: str, answer: str) -> bool | float`` imported from an
+  importable module (dotted names allowed on both sides, e.g. ``mypkg.rewards:exact``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import math
+import threading
+from typing import Any, Callable
+
+from .base import extract_answer
+
+__all__ = ["Checker", "get_checker", "marker_checker", "math_verify_checker"]
+
+Checker = Callable[[str, str], float]
+log = logging.getLogger(__name__)
+
+
+def marker_checker(marker: str) -> Checker:
+    """Exact match after the last ``marker`` (see the module docstring)."""
+    if not marker:
+        raise ValueError("marker checker needs a non-empty marker: use e.g. 'marker:####'")
+
+    def check(completion: str, answer: str) -> float:
+        got = extract_answer(completion, marker)
+        if got is None or not isinstance(answer, str):
+            return 0.0
+        ref = extract_answer(answer, marker) if marker in answer else answer.strip()
+        return 1.0 if got == ref else 0.0
+
+    check.__name__ = f"marker_checker({marker!r})"
+    return check
+
+
+def math_verify_checker() -> Checker:
+    """``math_verify``'s ``verify(parse(answer), parse(completion))`` as 1.0 / 0.0.  Outside the main thread the
+    package's signal-based timeouts are switched off (they only work in the main thread)."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:  # pragma: no cover - math-verify is in the train extra
+        raise ValueError("checker 'math_verify' needs the math-verify package: pip install math-verify") from None
+
+    def timeout() -> int | None:
+        return 5 if threading.current_thread() is threading.main_thread() else None
+
+    @functools.lru_cache(maxsize=4096)
+    def gold(answer: str) -> Any:
+        parsed = parse(answer, parsing_timeout=timeout())
+        if not parsed and "$" not in answer:
+            parsed = parse(f"${answer}$", parsing_timeout=timeout())
+        return parsed
+
+    def check(completion: str, answer: str) -> float:
+        if not isinstance(completion, str) or not isinstance(answer, str):
+            return 0.0
+        try:
+            ref = gold(answer)
+            if not ref:
+                return 0.0
+            pred = parse(completion, parsing_timeout=timeout())
+            if not pred:
+                return 0.0
+            return 1.0 if verify(ref, pred, timeout_seconds=timeout()) else 0.0
+        except Exception:  # noqa: BLE001 - garbage output must score 0, not crash training
+            return 0.0
+
+    check.__name__ = "math_verify_checker"
+    return check
+
+
+def _import_function(spec: str) -> Callable[..., Any]:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"checker {spec!r}: expected 'module:function'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - ImportError or an error inside the module
+        raise ValueError(
+            f"checker {spec!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
+            f"make sure it is on PYTHONPATH"
+        ) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"checker {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"checker {spec!r}: {attr!r} is not callable")
+    return obj
+
+
+def _wrap_user(fn: Callable[..., Any], name: str) -> Checker:
+    warned = []
+
+    def check(completion: str, answer: str) -> float:
+        try:
+            result = fn(completion, answer)
+        except Exception as e:  # noqa: BLE001 - a user fn choking on garbage output scores 0
+            if not warned:
+                warned.append(True)
+                log.warning("checker %s raised %s: %s; scoring 0.0 (logged once)", name, type(e).__name__, e)
+            return 0.0
+        if isinstance(result, bool):
+            return 1.0 if result else 0.0
+        if isinstance(result, (int, float)) or hasattr(result, "__float__"):
+            value = float(result)
+            return value if math.isfinite(value) else 0.0
+        raise TypeError(f"checker {name} returned {type(result).__name__}; it must return a bool or a float")
+
+    check.__name__ = name
+    return check
+
+
+def get_checker(spec: str | Callable[[str, str], Any]) -> Checker:
+    """The checker of ``spec``: ``"math_verify"``, ``"marker:<TEXT>"``, ``"module:function"``, or a callable
+    (wrapped so it returns a float and scores 0.0 when it raises).  Unknown specs raise ``ValueError``."""
+    if callable(spec):
+        return _wrap_user(spec, getattr(spec, "__name__", repr(spec)))
+    if not isinstance(spec, str):
+        raise ValueError(f"checker spec must be a string, got {type(spec).__name__}")
+    if spec == "math_verify":
+        return math_verify_checker()
+    if spec.startswith("marker:"):
+        return marker_checker(spec[len("marker:") :])
+    if ":" in spec:
+        return _wrap_user(_import_function(spec), spec)
+    raise ValueError(
+        f"unknown checker {spec!r}: use 'math_verify', 'marker:<TEXT>' (e.g. 'marker:####') or 'module:function'"
+    )

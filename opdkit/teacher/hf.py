@@ -1,0 +1,254 @@
+"""Teacher scoring with a HF causal LM: one no-grad forward over prompt + response, returning ONLY the signal the
+objective declared (`opdkit.objectives.signals`), for the response positions.
+
+Alignment: response token t sits at column P + t of the input (P = prompt_len, prompts left-padded); the teacher
+distribution that scores it is the one at column P - 1 + t.
+
+Memory: the decoder's final hidden states [B, L, H] are computed once (the base model, without the lm_head);
+log-probs are then computed chunk by chunk over the valid response positions, `chunk_size` positions at a time, so
+the peak extra memory is O(chunk_size x V), never [B, T, V]:
+  - "sampled": SampledSignal(logprobs_BT) - teacher log-prob of each response token;
+  - "topk":    TopKSignal(logprobs_BTK, ids_BTK[, sampled_logprobs_BT when need_sampled]);
+  - "full":    FullSignal(hidden_BTH, head_weight_VH, head_bias_V, temperature): the loss computes log-probs in
+               chunks itself. The weight is the live lm_head weight (not a copy): consume the signal before an
+               optimizer step changes it (matters when the live student is its own teacher).
+Positions with response_mask 0 get log-prob 0 and id 0 (finite, so masked losses stay finite).
+
+The hidden-state path assumes logits = lm_head(last_hidden_state) (true for Llama/Qwen/Mistral/SmolLM: the final
+norm is inside the base model). Models that scale or soft-cap logits after the head (Gemma-2, Cohere, ...) break
+that; a one-off probe on a tiny slice (per model object) detects it, and such models fall back to the model's own
+logits for the response positions ([B, T, V]; "full" then returns FullSignal(logprobs_BTV=...)).
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from opdkit.errors import UserError
+from opdkit.objectives.signals import SIGNAL_KINDS, FullSignal, SampledSignal, TopKSignal
+from opdkit.rollout.hf import accepts_kwarg, left_pad, position_ids_from_mask
+
+_HEAD_OK: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+PROBE_TOKENS = 4
+
+
+def _unwrap(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _decoder(model):
+    """The base model (final hidden states, no lm_head), or None when there is no separate one."""
+    base = _unwrap(model)
+    dec = base.get_decoder() if hasattr(base, "get_decoder") else None
+    return None if dec is None or dec is base else dec
+
+
+def _hidden(dec, input_ids_BL, attention_mask_BL, position_ids_BL) -> torch.Tensor:
+    out = dec(input_ids=input_ids_BL, attention_mask=attention_mask_BL, position_ids=position_ids_BL, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def head_matches_logits(model, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor) -> bool:
+    """Whether logits == F.linear(last_hidden_state, lm_head.weight, lm_head.bias) for this model (cached per model
+    object after one probe on <= PROBE_TOKENS real tokens of the first row)."""
+    if model in _HEAD_OK:
+        return _HEAD_OK[model]
+    dec, head = _decoder(model), _unwrap(model).get_output_embeddings()
+    ok = False
+    if dec is not None and head is not None and getattr(head, "weight", None) is not None:
+        ids = input_ids_BL[0][attention_mask_BL[0].bool()][:PROBE_TOKENS].unsqueeze(0)
+        mask = torch.ones_like(ids)
+        pos = position_ids_from_mask(mask)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
+        mine = F.linear(_hidden(dec, ids, mask, pos), head.weight, getattr(head, "bias", None)).float()
+        tol = 1e-4 + 1e-3 * logits.abs().max().item()
+        ok = mine.shape == logits.shape and torch.allclose(mine, logits, rtol=1e-3, atol=tol)
+    _HEAD_OK[model] = ok
+    return ok
+
+
+def _fallback_logits(model, input_ids_BL, attention_mask_BL, position_ids_BL, P: int, T: int) -> torch.Tensor:
+    """The model's own logits at columns P-1 .. P+T-2 ([B, T, V]); only for models whose head is not a plain linear
+    map of the last hidden state."""
+    kw = {"logits_to_keep": input_ids_BL.shape[1] - (P - 1)} if accepts_kwarg(model, "logits_to_keep") else {}
+    out = model(input_ids=input_ids_BL, attention_mask=attention_mask_BL, position_ids=position_ids_BL,
+                use_cache=False, **kw)
+    logits = out.logits
+    start = (P - 1) - (input_ids_BL.shape[1] - logits.shape[1])
+    return logits[:, start:start + T]
+
+
+@torch.no_grad()
+def score(
+    model,
+    input_ids_BL: torch.Tensor,
+    attention_mask_BL: torch.Tensor,
+    prompt_len: int,
+    response_ids_BT: torch.Tensor,
+    response_mask_BT: torch.Tensor,
+    *,
+    signal: str,
+    top_k: int | None = None,
+    need_sampled: bool = False,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    vocab_size: int | None = None,
+) -> SampledSignal | TopKSignal | FullSignal:
+    """Teacher signal `signal` ("sampled" | "topk" | "full") for the response positions; see the module docstring.
+
+    input_ids_BL / attention_mask_BL: the teacher's input (prompt left-padded to `prompt_len` + response); for a
+    plain teacher that is the rollout's own `input_ids_BL`, for a privileged self-teacher `build_teacher_inputs`.
+    top_k: K for "topk". need_sampled: "topk" also returns the sampled token's log-prob. temperature: the
+    teacher's logits are divided by it. chunk_size: positions per lm_head call. vocab_size: restrict the
+    distribution to the first vocab_size ids (padded lm_head, see `opdkit.models.check_compatible`).
+    The model runs in eval mode under no_grad; its train/eval mode is restored afterwards.
+    """
+    if signal not in SIGNAL_KINDS:
+        raise ValueError(f"signal={signal!r} is not one of {', '.join(SIGNAL_KINDS)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    B, T = response_ids_BT.shape
+    L, P = input_ids_BL.shape[1], int(prompt_len)
+    if input_ids_BL.shape[0] != B or P < 1 or P + T > L:
+        raise ValueError(f"inputs [{input_ids_BL.shape[0]}, {L}] with prompt_len {P} cannot hold responses [{B}, {T}]")
+    valid_BT = response_mask_BT.bool()
+    if bool(((input_ids_BL[:, P:P + T] != response_ids_BT) & valid_BT).any()):
+        raise ValueError("input_ids_BL[:, prompt_len:] does not hold response_ids_BT (misaligned teacher inputs)")
+
+    was_training = model.training
+    model.eval()
+    try:
+        pos_BL = position_ids_from_mask(attention_mask_BL)
+        head = _unwrap(model).get_output_embeddings()
+        V_head = int(head.weight.shape[0]) if head is not None else None
+        if vocab_size is not None and V_head is not None and vocab_size > V_head:
+            raise UserError(f"vocab_size={vocab_size} exceeds the teacher's output dim {V_head}")
+        use_hidden = head_matches_logits(model, input_ids_BL, attention_mask_BL)
+        if use_hidden:
+            hidden_BTH = _hidden(_decoder(model), input_ids_BL, attention_mask_BL, pos_BL)[:, P - 1:P - 1 + T]
+            sliced = vocab_size is not None and vocab_size != V_head
+            W_VH = head.weight[:vocab_size] if sliced else head.weight
+            bias = getattr(head, "bias", None)
+            bias_V = bias[:vocab_size] if (sliced and bias is not None) else bias
+            if signal == "full":
+                return FullSignal(hidden_BTH=hidden_BTH.contiguous(), head_weight_VH=W_VH.detach(),
+                                  head_bias_V=None if bias_V is None else bias_V.detach(), temperature=temperature)
+
+            def logits_at(b_N, t_N):
+                h_NH = hidden_BTH[b_N, t_N]
+                return F.linear(h_NH, W_VH, bias_V) if sliced else head(h_NH)
+        else:
+            logits_BTV = _fallback_logits(model, input_ids_BL, attention_mask_BL, pos_BL, P, T)
+            if vocab_size is not None:
+                logits_BTV = logits_BTV[..., :vocab_size]
+            if signal == "full":
+                lp = torch.log_softmax(logits_BTV.float() / temperature, dim=-1)
+                return FullSignal(logprobs_BTV=lp, temperature=temperature)
+
+            def logits_at(b_N, t_N):
+                return logits_BTV[b_N, t_N]
+
+        V = int(W_VH.shape[0]) if use_hidden else int(logits_BTV.shape[-1])
+        if signal == "topk" and (not isinstance(top_k, int) or not 1 <= top_k <= V):
+            raise ValueError(f"top_k={top_k!r} must be an integer in [1, {V}] for the topk signal")
+        want_sampled = signal == "sampled" or need_sampled
+        b_N, t_N = valid_BT.nonzero(as_tuple=True)
+        dev = hidden_BTH.device if use_hidden else logits_BTV.device
+        sampled_BT = torch.zeros(B, T, dtype=torch.float32, device=dev) if want_sampled else None
+        if signal == "topk":
+            lp_BTK = torch.zeros(B, T, top_k, dtype=torch.float32, device=dev)
+            ids_BTK = torch.zeros(B, T, top_k, dtype=torch.long, device=dev)
+        for s in range(0, b_N.numel(), chunk_size):
+            bc, tc = b_N[s:s + chunk_size], t_N[s:s + chunk_size]
+            logp_CV = torch.log_softmax(logits_at(bc, tc).float() / temperature, dim=-1)
+            if want_sampled:
+                tok_C1 = response_ids_BT[bc, tc].to(logp_CV.device).unsqueeze(-1)
+                sampled_BT[bc, tc] = logp_CV.gather(-1, tok_C1).squeeze(-1)
+            if signal == "topk":
+                vals_CK, idx_CK = logp_CV.topk(top_k, dim=-1)
+                lp_BTK[bc, tc] = vals_CK
+                ids_BTK[bc, tc] = idx_CK
+            del logp_CV
+        if signal == "sampled":
+            return SampledSignal(logprobs_BT=sampled_BT)
+        return TopKSignal(logprobs_BTK=lp_BTK, ids_BTK=ids_BTK, sampled_logprobs_BT=sampled_BT)
+    finally:
+        model.train(was_training)
+
+
+def score_rollout(model, rollout, **kw) -> SampledSignal | TopKSignal | FullSignal:
+    """`score` on a `RolloutBatch` with the rollout's own inputs (teacher shares the student's prompt)."""
+    return score(model, rollout.input_ids_BL, rollout.attention_mask_BL, rollout.prompt_len, rollout.response_ids_BT,
+                 rollout.response_mask_BT, **kw)
+
+
+def score_kwargs(objective_config) -> dict:
+    """`score` keyword arguments for an `ObjectiveConfig`: signal, top_k, need_sampled, chunk_size."""
+    kw = {"signal": objective_config.teacher_signal, "need_sampled": objective_config.needs_sampled_teacher_logprobs,
+          "chunk_size": objective_config.chunk_size}
+    if kw["signal"] == "topk":
+        kw["top_k"] = objective_config.top_k
+    return kw
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# self-distillation (OPSD): the teacher sees a privileged prompt, scores the student's response tokens
+
+
+@dataclass
+class TeacherInputs:
+    input_ids_BL: torch.Tensor  # teacher prompt left-padded to prompt_len + the student's response tokens
+    attention_mask_BL: torch.Tensor
+    prompt_len: int
+
+
+def build_teacher_inputs(
+    teacher_prompt_ids: Sequence[Sequence[int]],
+    response_ids_BT: torch.Tensor,
+    response_attention_BT: torch.Tensor,
+    *,
+    pad_token_id: int,
+    prompt_index_B: torch.Tensor | Sequence[int] | None = None,
+) -> TeacherInputs:
+    """Teacher input batch: row b = teacher_prompt_ids[prompt_index_B[b]] (or [b] when prompt_index_B is None),
+    left-padded to the longest teacher prompt P', followed by the same response tokens, so response token t is at
+    column P' + t for the teacher as it is at P + t for the student.
+
+    response_attention_BT: which response tokens are attended (the rollout's `eos_mask_BT`, i.e. up to and including
+    EOS; user-masked tokens such as <think> are still attended). Score with `score(teacher, ti.input_ids_BL,
+    ti.attention_mask_BL, ti.prompt_len, rollout.response_ids_BT, rollout.response_mask_BT, ...)`.
+    """
+    B = response_ids_BT.shape[0]
+    if prompt_index_B is None:
+        if len(teacher_prompt_ids) != B:
+            raise ValueError(f"{len(teacher_prompt_ids)} teacher prompts for {B} rows; pass prompt_index_B")
+        rows = list(teacher_prompt_ids)
+    else:
+        idx = [int(i) for i in (prompt_index_B.tolist() if torch.is_tensor(prompt_index_B) else prompt_index_B)]
+        if len(idx) != B:
+            raise ValueError(f"prompt_index_B has {len(idx)} entries for {B} rows")
+        rows = [teacher_prompt_ids[i] for i in idx]
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("empty teacher prompt")
+    ids_BP, mask_BP = left_pad(rows, pad_token_id, device=response_ids_BT.device)
+    return TeacherInputs(
+        input_ids_BL=torch.cat([ids_BP, response_ids_BT.long()], dim=1),
+        attention_mask_BL=torch.cat([mask_BP, response_attention_BT.long()], dim=1),
+        prompt_len=int(ids_BP.shape[1]),
+    )
+
+
+def frozen_copy(model):
+    """A frozen teacher from the student's current weights: deep copy, requires_grad False, eval mode."""
+    teacher = copy.deepcopy(model)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()

@@ -1,0 +1,1 @@
+"""Training loop support: checkpoints (`checkpoint`), metrics logging, progress and run dirs (`logging`)."""

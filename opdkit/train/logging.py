@@ -1,0 +1,381 @@
+"""Metrics (JSON lines + TensorBoard), a progress display, and run-dir safety checks.
+
+- `MetricsLogger(run_dir)`: one JSON object per line in `run_dir/metrics.jsonl` (always valid JSON: NaN/inf are
+  written as the strings "nan"/"inf"/"-inf", which `read_metrics` turns back into floats) and scalars to
+  TensorBoard under `run_dir/tb`.
+- `Progress(total_steps)`: a rich bar with ETA and a few key metrics on a terminal; plain one-line summaries every
+  N steps otherwise (CI logs).
+- `prepare_run_dir(path, config_hash, resume, overwrite)`: refuses to clobber another (or the same) run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+import numpy as np
+import torch
+
+from opdkit.config import dump_config
+from opdkit.errors import UserError
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+CONFIG_FILE = "config.yaml"
+_HASH_TAG = "opdkit config_hash:"
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+# ----------------------------------------------------------------------------------------------------------- values
+
+
+def _float_json(x: float) -> float | str:
+    if math.isfinite(x):
+        return x
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+def to_jsonable(value: Any) -> Any:
+    """A metric value as JSON types: tensors/numpy -> Python numbers or lists, NaN/inf -> "nan"/"inf"/"-inf"."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        value = value.item() if value.numel() == 1 and value.dim() == 0 else value.tolist()
+    elif isinstance(value, np.ndarray):
+        value = value.tolist()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return _float_json(value)
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    return str(value)
+
+
+def _flatten(metrics: Mapping, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _scalar(value: Any) -> float | None:
+    """A real number for TensorBoard, or None (bools, strings, lists, multi-element tensors)."""
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().cpu().item()) if value.numel() == 1 and not value.dtype == torch.bool else None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, str) and value in _NONFINITE:
+        return _NONFINITE[value]
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl (or of `run_dir/metrics.jsonl`), "nan"/"inf" strings back to floats. A torn
+    last line (a crash mid-write) is skipped."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / METRICS_FILE
+    records = []
+    lines = p.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise
+        records.append({k: _from_json(v) for k, v in rec.items()})
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------- logger
+
+
+class MetricsLogger:
+    """`.log(step, metrics)` appends `{"step": step, **metrics}` as one JSON line (flushed) and writes the scalar
+    metrics to TensorBoard. Nested dicts are flattened with "/" keys. `resume_step`: drop the records (and TB
+    events) of steps after it, left by the interrupted run."""
+
+    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True, resume_step: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / METRICS_FILE
+        if resume_step is not None and self.path.exists():
+            self._truncate_after(resume_step)
+        self._fh: TextIO | None = open(self.path, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is an optional dependency
+                warnings.warn("tensorboard is not installed; metrics go to metrics.jsonl only", stacklevel=2)
+            else:
+                purge = None if resume_step is None else resume_step + 1
+                self._tb = SummaryWriter(log_dir=str(self.run_dir / TB_DIR), purge_step=purge, flush_secs=10)
+
+    def _truncate_after(self, step: int) -> None:
+        keep = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                keep.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> dict:
+        """Write one record; returns it (as written)."""
+        if self._fh is None:
+            raise RuntimeError("MetricsLogger is closed")
+        flat = _flatten(metrics)
+        record = {"step": int(step), **{k: to_jsonable(v) for k, v in flat.items() if k != "step"}}
+        self._fh.write(json.dumps(record, allow_nan=False) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            for k, v in flat.items():
+                x = _scalar(v)
+                if x is not None and k != "step":
+                    self._tb.add_scalar(k, x, int(step))
+        return record
+
+    def flush(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------------------- progress
+
+DEFAULT_KEYS = ("loss", "reward_mean", "reward/mean", "acc", "accuracy", "kl", "lr")
+
+
+def _fmt_num(v: Any) -> str:
+    x = _scalar(v)
+    if x is None:
+        return str(v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    return f"{x:.4g}"
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    hh, rem = divmod(s, 3600)
+    mm, ss = divmod(rem, 60)
+    return f"{hh}h{mm:02d}m{ss:02d}s" if hh else (f"{mm}m{ss:02d}s" if mm else f"{ss}s")
+
+
+class Progress:
+    """Progress of a run of `total_steps`: a rich bar (ETA + key metrics) on a terminal, else one plain line every
+    `every` steps (default: about 20 lines per run) and at the last step. `keys`: metrics to show (default: those
+    of DEFAULT_KEYS present, else the first 4 scalars). `update(step, metrics)` takes the number of completed steps.
+    """
+
+    def __init__(
+        self,
+        total_steps: int,
+        enabled: bool = True,
+        keys: Sequence[str] | None = None,
+        every: int | None = None,
+        stream: TextIO | None = None,
+        start_step: int = 0,
+        description: str = "train",
+    ):
+        self.total = int(total_steps)
+        self.enabled = enabled
+        self.keys = tuple(keys) if keys is not None else None
+        self.every = max(1, int(every) if every else max(1, self.total // 20))
+        self.stream = stream if stream is not None else sys.stdout
+        self.start_step = int(start_step)
+        self.description = description
+        self._t0 = time.monotonic()
+        self._rich = None
+        self._task = None
+        try:
+            tty = bool(self.stream.isatty())
+        except (AttributeError, ValueError):
+            tty = False
+        self.interactive = enabled and tty
+
+    def _metric_text(self, metrics: Mapping[str, Any] | None) -> str:
+        if not metrics:
+            return ""
+        flat = _flatten(metrics)
+        if self.keys is not None:
+            keys = [k for k in self.keys if k in flat]
+        else:
+            keys = [k for k in DEFAULT_KEYS if k in flat] or [k for k, v in flat.items() if _scalar(v) is not None][:4]
+        return " | ".join(f"{k} {_fmt_num(flat[k])}" for k in keys)
+
+    def start(self) -> Progress:
+        if self.interactive and self._rich is None:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self._rich = RichProgress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"),
+                console=Console(file=self.stream), transient=False,
+            )
+            self._rich.start()
+            self._task = self._rich.add_task(self.description, total=self.total, completed=self.start_step, metrics="")
+        self._t0 = time.monotonic()
+        return self
+
+    def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
+        if not self.enabled:
+            return
+        text = self._metric_text(metrics)
+        if self.interactive:
+            if self._rich is None:
+                self.start()
+            self._rich.update(self._task, completed=step, metrics=text)
+            return
+        if step % self.every and step != self.total and step != self.start_step + 1:
+            return
+        elapsed = time.monotonic() - self._t0
+        done = step - self.start_step
+        per = elapsed / done if done > 0 else math.nan
+        eta = per * (self.total - step) if done > 0 else math.nan
+        pct = 100.0 * step / self.total if self.total else 100.0
+        parts = [f"{self.description} step {step}/{self.total} ({pct:.0f}%)"]
+        if text:
+            parts.append(text)
+        parts.append(f"{per:.3g} s/step | elapsed {_fmt_time(elapsed)} | eta {_fmt_time(eta)}")
+        print(" | ".join(parts), file=self.stream, flush=True)
+
+    def print(self, message: str) -> None:
+        """A line of text above the bar (or plain)."""
+        if not self.enabled:
+            return
+        if self._rich is not None:
+            self._rich.console.print(message)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+            self._rich = None
+
+    def __enter__(self) -> Progress:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------------------- run dirs
+
+
+def read_run_hash(run_dir: str | os.PathLike) -> str | None:
+    """The config hash recorded in `run_dir/config.yaml` (its `# opdkit config_hash: ...` header), or None."""
+    p = Path(run_dir) / CONFIG_FILE
+    if not p.is_file():
+        return None
+    with open(p, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.startswith("#"):
+                break
+            text = line.lstrip("#").strip()
+            if text.startswith(_HASH_TAG):
+                return text[len(_HASH_TAG):].strip() or None
+    return None
+
+
+def write_run_config(run_dir: str | os.PathLike, config: Any, config_hash: str) -> Path:
+    """Write the resolved config to `run_dir/config.yaml` with its hash in the header (read by prepare_run_dir)."""
+    header = f"{_HASH_TAG} {config_hash}\nresolved config written by opdkit; `opdkit train --config` accepts it"
+    return dump_config(config, Path(run_dir) / CONFIG_FILE, header=header)
+
+
+def prepare_run_dir(
+    path: str | os.PathLike, config_hash: str, resume: bool = False, overwrite: bool = False, config: Any = None
+) -> Path:
+    """Check that `path` may hold this run, then create it (and write `config` with its hash, when given).
+
+    - missing or empty: fine (a fresh run; with resume=true too).
+    - holds a run (config.yaml) with another hash: UserError unless overwrite (resume needs the same config).
+    - holds this run: resume continues it; overwrite replaces it; neither -> UserError (it would be clobbered).
+    - not empty and no config.yaml: UserError (never deleted, even with overwrite).
+    Nothing is written or deleted before the checks pass.
+    """
+    p = Path(path)
+    if resume and overwrite:
+        raise UserError("resume=true and overwrite=true exclude each other: pick one")
+    if p.exists() and not p.is_dir():
+        raise UserError(f"run_dir {p} exists and is not a directory")
+    if p.is_dir() and any(p.iterdir()):
+        old = read_run_hash(p)
+        holds_run = (p / CONFIG_FILE).is_file()
+        if not holds_run:
+            raise UserError(
+                f"run dir {p} is not empty and holds no opdkit run (no {CONFIG_FILE}); choose another run_dir"
+                + (" (overwrite=true only replaces an opdkit run dir)" if overwrite else "")
+            )
+        if overwrite:
+            shutil.rmtree(p)
+        elif old != config_hash:
+            raise UserError(
+                f"run dir {p} already holds a different run (config hash {old or 'unknown'}, this config "
+                f"{config_hash}); "
+                + ("resume=true continues a run only with the same config: restore it, pass overwrite=true to "
+                   "replace the run, or choose another run_dir" if resume else
+                   "pass resume=true to continue it (with its config), overwrite=true to replace it, or choose "
+                   "another run_dir")
+            )
+        elif not resume:
+            raise UserError(
+                f"run dir {p} already holds this run; pass resume=true to continue it, overwrite=true to replace it, "
+                "or choose another run_dir"
+            )
+    p.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        write_run_config(p, config, config_hash)
+    return p

@@ -1,0 +1,68 @@
+"""Answer checkers: math_verify, marker:<TEXT>, module:function."""
+
+import pytest
+
+from opdkit.tasks import get_checker
+
+GARBAGE = ["", "=>", "\x00\xff\ud800", "}}}{{{\\frac{", "$$$$", "\\boxed{", "=> " + "9" * 5000, None, 12]
+
+
+def test_marker_checker():
+    check = get_checker("marker:####")
+    assert check("so 36+36 = 72\n#### 72", "72") == 1.0
+    assert check("#### 71\n#### 72 \nthanks", "Natalia sold 48+24 = 72 clips.\n#### 72") == 1.0
+    assert check("#### 7", "72") == 0.0
+    arrow = get_checker("marker:=>")
+    assert arrow("7*5-6\n35-6\n29\n=> 29\n", "29") == 1.0 and arrow("=> 29x", "29") == 0.0
+    for g in GARBAGE:
+        assert check(g, "72") == 0.0 and arrow(g, "29") == 0.0
+    with pytest.raises(ValueError, match="non-empty marker"):
+        get_checker("marker:")
+
+
+def test_math_verify_checker():
+    check = get_checker("math_verify")
+    assert check("The answer is $\\frac{1}{2}$.", "0.5") == 1.0
+    assert check("so we get \\boxed{72}", "72") == 1.0
+    assert check("so we get \\boxed{71}", "72") == 0.0
+    for g in GARBAGE:
+        assert check(g, "72") == 0.0
+    assert check("72", "\\frac{") == 0.0  # an unparsable reference scores 0, no exception
+
+
+def test_math_verify_checker_in_a_thread():
+    import threading
+
+    check, out = get_checker("math_verify"), []
+    t = threading.Thread(target=lambda: out.append(check("\\boxed{72}", "72")))
+    t.start()
+    t.join()
+    assert out == [1.0]
+
+
+def test_module_function_checker():
+    exact = get_checker("tests.tasks.checker_helpers:exact_match")
+    assert exact(" 72\n", "72") == 1.0 and exact("71", "72") == 0.0
+    assert get_checker("tests.tasks.checker_helpers:partial_credit")("it is 72", "72") == 0.5
+    picky = get_checker("tests.tasks.checker_helpers:picky")
+    assert picky("72", "72") == 1.0
+    for g in GARBAGE:
+        assert picky(g, "72") == 0.0  # the user fn raises on garbage: scored 0.0
+    with pytest.raises(TypeError, match="must return a bool or a float"):
+        get_checker("tests.tasks.checker_helpers:bad_return")("a", "b")
+    assert get_checker(lambda c, a: c == a)("x", "x") == 1.0
+
+
+@pytest.mark.parametrize(
+    "spec, pattern",
+    [
+        ("tests.tasks.no_such_module:fn", r"cannot import module 'tests.tasks.no_such_module'"),
+        ("tests.tasks.checker_helpers:nope", r"module 'tests.tasks.checker_helpers' has no attribute 'nope'"),
+        ("tests.tasks.checker_helpers:NOT_CALLABLE", r"'NOT_CALLABLE' is not callable"),
+        (":fn", r"expected 'module:function'"),
+        ("exact", r"unknown checker 'exact'.*math_verify.*marker:<TEXT>.*module:function"),
+    ],
+)
+def test_checker_spec_errors(spec, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        get_checker(spec)
