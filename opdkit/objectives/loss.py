@@ -81,7 +81,7 @@ def _check_inputs(cfg: ObjectiveConfig, src: StudentSource, tokens_BT: Tensor, m
 
 
 # ----------------------------------------------------------------------------------------------- metrics
-def _stats(prefix: str, x_BT: Tensor, mask_BT: Tensor, by_position: bool = False) -> dict:
+def token_stats(prefix: str, x_BT: Tensor, mask_BT: Tensor, by_position: bool = False) -> dict:
     m = mask_BT.bool()
     vals = x_BT.detach()[m].double()
     if vals.numel() == 0:
@@ -129,8 +129,8 @@ def compute_advantages(cfg: ObjectiveConfig, student_logprobs_BT: Tensor, teache
         adv = adv + cfg.task_reward_coef * task_rewards_B.detach().double()[:, None] * m
     lr = S.log_ratio(student_logprobs_BT, teacher_logprobs_BT, cfg.log_ratio_bound)
     metrics = {
-        **_stats("reward", reward, m, by_position=True),
-        **_stats("log_ratio", lr, m),
+        **token_stats("reward", reward, m, by_position=True),
+        **token_stats("log_ratio", lr, m),
         "advantage/mean": _masked_mean(adv, m),
         "advantage/abs_max": adv.abs().max().item() if adv.numel() else 0.0,
         # k1 and k3 estimators of the per-token reverse KL (Schulman, "Approximating KL divergence").
@@ -184,7 +184,7 @@ def opd_per_token_loss(cfg: ObjectiveConfig, *, tokens_BT: Tensor, mask_BT: Tens
         metrics["clip_frac"] = clipped[keep].double().mean().item() if keep.any() else 0.0
     else:
         loss = cols["div"]
-        metrics.update(_stats("reward", -cols["div"], keep, by_position=True))
+        metrics.update(token_stats("reward", -cols["div"], keep, by_position=True))
         metrics["kl"] = _masked_mean(cols["kl"], keep)
         metrics["divergence"] = _masked_mean(cols["div"], keep)
         metrics["entropy/teacher"] = _masked_mean(cols["ent_t"], keep)

@@ -1,0 +1,183 @@
+"""`TrainConfig`: every knob of `opdkit train`, one typed section per concern, validated on construction.
+
+`opdkit train --help` and the README's knob table are generated from these help strings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from opdkit.config import h
+from opdkit.objectives.config import ObjectiveConfig
+
+EMBEDDED_STUDENT = "embedded:student"
+EMBEDDED_TEACHER = "embedded:teacher"
+
+
+def _pos_int(section: str, name: str, value, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value >= 1)
+    if not ok:
+        raise ValueError(f"{section}.{name}={value!r} must be an integer >= {0 if allow_zero else 1}")
+
+
+def _range(section: str, name: str, value, lo: float, hi: float, lo_open=False, hi_open=False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        raise ValueError(f"{section}.{name}={value!r} must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+
+
+def _choice(section: str, name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{section}.{name}={value!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass
+class ModelConfig:
+    student: str = h("student: HF model dir, a .gguf file, a model config .json/.yaml (random init), or "
+                     "embedded:student", default=EMBEDDED_STUDENT)
+    teacher: str = h("teacher: HF model dir, .gguf file, embedded:teacher, or self (OPSD: the student's frozen "
+                     "initial weights with privileged context) / self_live (the live student)", default=EMBEDDED_TEACHER)
+    tokenizer: str | None = h("tokenizer dir (needed when the student is built from a config; default: the "
+                              "student's own)", default=None)
+    dtype: str = h("weights dtype for the student's master copy: float32 or bfloat16", default="float32")
+    teacher_dtype: str = h("teacher dtype (bfloat16 scoring is ~1.5-2x faster on CPUs with AMX)", default="float32")
+    trust_remote_code: bool = h("allow model code from the checkpoint dir (off: only transformers' own classes)",
+                                default=False)
+    gguf_cache_dir: str | None = h("where dequantised copies of .gguf models are cached (default "
+                                   "~/.cache/opdkit/gguf)", default=None)
+    lora_r: int = h("LoRA rank for the student (0 = full fine-tuning)", default=0)
+    lora_alpha: float = h("LoRA alpha", default=16.0)
+    lora_dropout: float = h("LoRA dropout", default=0.0)
+    lora_target_modules: list[str] = h("LoRA target module names", default_factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self) -> None:
+        _choice("model", "dtype", self.dtype, ("float32", "bfloat16"))
+        _choice("model", "teacher_dtype", self.teacher_dtype, ("float32", "bfloat16"))
+        _pos_int("model", "lora_r", self.lora_r, allow_zero=True)
+        _range("model", "lora_dropout", self.lora_dropout, 0.0, 1.0, hi_open=True)
+        if not self.student:
+            raise ValueError("model.student is empty: give a model dir, .gguf file, config file or embedded:student")
+
+
+@dataclass
+class DataConfig:
+    prompts: str = h("prompt source: task:<name> (built-in task, train split), a .jsonl file, or a datasets dir "
+                     "saved with save_to_disk", default="task:embedded")
+    prompt_field: str = h("JSONL/dataset field with the prompt text", default="prompt")
+    messages_field: str | None = h("field with chat messages (list of {role, content}) instead of prompt_field",
+                                   default=None)
+    answer_field: str | None = h("field with the reference answer (for task rewards and eval)", default="answer")
+    completion_field: str | None = h("field with a reference response (GKD off-policy data, lambda < 1)",
+                                     default=None)
+    privileged_field: str | None = h("field with privileged context for a self-teacher (OPSD), e.g. the reference "
+                                     "solution (default: the answer field)", default=None)
+    checker: str = h("answer checker for user datasets: math_verify, marker:<TEXT>, or module:function",
+                     default="marker:=>")
+    use_chat_template: bool | None = h("apply the tokenizer's chat template (default: when it has one)", default=None)
+    max_prompt_tokens: int = h("prompts longer than this are reported and handled by on_too_long", default=256)
+    on_too_long: str = h("skip or truncate (left) over-long prompts", default="skip")
+    eval_prompts: int = h("held-out prompts used by the in-training evaluation (built-in tasks: the held-out split)",
+                          default=128)
+
+    def __post_init__(self) -> None:
+        _choice("data", "on_too_long", self.on_too_long, ("skip", "truncate"))
+        _pos_int("data", "max_prompt_tokens", self.max_prompt_tokens)
+        _pos_int("data", "eval_prompts", self.eval_prompts, allow_zero=True)
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = h("prompts sampled per step", default=16)
+    n_samples: int = h("responses sampled per prompt", default=2)
+    max_new_tokens: int = h("response length limit (tokens)", default=64)
+    temperature: float = h("sampling temperature", default=1.0)
+    top_p: float = h("nucleus sampling (1.0 = off); Revisiting OPD uses top-p rollouts", default=1.0)
+    top_k: int = h("top-k sampling (0 = off)", default=0)
+    sampler: str = h("inverse_cdf (fast) or multinomial (torch.multinomial)", default="inverse_cdf")
+    masked_tokens: list[str] = h("special tokens excluded from the loss (e.g. <think>)", default_factory=list)
+    gkd_lambda: float = h("GKD lambda: probability that a step uses student rollouts; otherwise the dataset's "
+                          "responses (data.completion_field)", default=1.0)
+
+    def __post_init__(self) -> None:
+        for name in ("prompts_per_step", "n_samples", "max_new_tokens"):
+            _pos_int("rollout", name, getattr(self, name))
+        _pos_int("rollout", "top_k", self.top_k, allow_zero=True)
+        _range("rollout", "temperature", self.temperature, 0.0, 100.0, lo_open=True)
+        _range("rollout", "top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        _range("rollout", "gkd_lambda", self.gkd_lambda, 0.0, 1.0)
+        _choice("rollout", "sampler", self.sampler, ("inverse_cdf", "multinomial"))
+
+
+@dataclass
+class TeacherConfig:
+    privileged_template: str = h("self-teacher prompt: must contain {prompt} and {privileged}",
+                                 default="{prompt}\n\nReference solution: {privileged}\n\n")
+    score_chunk_size: int = h("positions per chunk when the teacher computes log-probs (peak O(chunk x V))",
+                              default=1024)
+
+    def __post_init__(self) -> None:
+        if "{prompt}" not in self.privileged_template or "{privileged}" not in self.privileged_template:
+            raise ValueError("teacher.privileged_template must contain {prompt} and {privileged}")
+        _pos_int("teacher", "score_chunk_size", self.score_chunk_size)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = h("AdamW learning rate", default=1e-4)
+    weight_decay: float = h("AdamW weight decay", default=0.0)
+    beta1: float = h("AdamW beta1", default=0.9)
+    beta2: float = h("AdamW beta2", default=0.999)
+    warmup_steps: int = h("linear warm-up steps", default=0)
+    schedule: str = h("learning-rate schedule after warm-up: constant or cosine", default="constant")
+    grad_clip: float = h("clip the gradient norm to this (0 = off); the norm is logged every step", default=1.0)
+    micro_batch_size: int = h("sequences per forward/backward (gradient accumulation over the step)", default=16)
+    ppo_epochs: int = h("passes over each step's rollouts (> 1 needs objective.pg=ppo to stay on-policy-ish)",
+                        default=1)
+
+    def __post_init__(self) -> None:
+        _range("optim", "lr", self.lr, 0.0, 1.0, lo_open=True)
+        _range("optim", "weight_decay", self.weight_decay, 0.0, 10.0)
+        _range("optim", "beta1", self.beta1, 0.0, 1.0, hi_open=True)
+        _range("optim", "beta2", self.beta2, 0.0, 1.0, hi_open=True)
+        _pos_int("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
+        _choice("optim", "schedule", self.schedule, ("constant", "cosine"))
+        _range("optim", "grad_clip", self.grad_clip, 0.0, math.inf, hi_open=True)
+        _pos_int("optim", "micro_batch_size", self.micro_batch_size)
+        _pos_int("optim", "ppo_epochs", self.ppo_epochs)
+
+
+@dataclass
+class TrainConfig:
+    """opdkit train: on-policy distillation of a student from a teacher."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = h("optimizer steps", default=100)
+    seed: int = h("seed: every step's randomness derives from (seed, step), so a resumed run continues exactly",
+                  default=0)
+    threads: int = h("torch CPU threads (2-thread runs next to another busy process were 30-60x slower here)",
+                     default=1)
+    run_dir: str = h("output directory (metrics.jsonl, tb/, checkpoints/, config.yaml, plots)", default="runs/opd")
+    resume: bool = h("continue the run in run_dir from its latest checkpoint", default=False)
+    overwrite: bool = h("replace whatever run_dir holds", default=False)
+    save_every: int = h("checkpoint every N steps (0 = only at the end)", default=50)
+    keep_last: int = h("checkpoints kept", default=2)
+    eval_every: int = h("evaluate on held-out prompts every N steps (0 = only before and after)", default=0)
+    task_reward: bool = h("score responses with the answer checker and pass the reward to the objective "
+                          "(used when objective.task_reward_coef != 0)", default=False)
+    progress: bool = h("show a progress bar", default=True)
+
+    def __post_init__(self) -> None:
+        _pos_int("train", "steps", self.steps)
+        _pos_int("train", "threads", self.threads)
+        _pos_int("train", "save_every", self.save_every, allow_zero=True)
+        _pos_int("train", "keep_last", self.keep_last)
+        _pos_int("train", "eval_every", self.eval_every, allow_zero=True)
+        if self.objective.estimator == "sampled" and self.objective.pg != "ppo" and self.optim.ppo_epochs > 1:
+            raise ValueError("optim.ppo_epochs > 1 reuses rollouts: set objective.pg=ppo (or keep ppo_epochs=1)")

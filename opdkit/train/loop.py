@@ -1,0 +1,353 @@
+"""The OPD training loop: rollout -> teacher scoring -> objective -> update.
+
+CPU (default):   opdkit train                                   (embedded student <- embedded teacher)
+                 opdkit train my.yaml objective.divergence=jsd objective.gradient=corrected
+1 GPU / N GPUs:  not wired in this version: the loop runs on CPU (FSDP2 under torchrun is planned; see README).
+
+Reads top to bottom: `train(cfg)` sets everything up, then each step
+  1. draws prompts; with probability gkd_lambda the student samples responses (on-policy), otherwise the dataset's
+     reference responses are used (GKD, Agarwal et al. 2024);
+  2. the teacher scores the response tokens, returning only the signal the objective declares;
+  3. sampled objectives get their advantages once for the whole batch (batch statistics such as z-score do not
+     depend on the micro-batch split), from the sampler's log-probs (pi_old);
+  4. PPO epochs x micro-batches of forward/backward, each aggregated over the step's GLOBAL token count, so the
+     gradient equals the full-batch gradient; clip, AdamW step, schedule;
+  5. log metrics + timings, evaluate, checkpoint (atomic; resume continues exactly: every step's randomness derives
+     from (seed, step)).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from opdkit.config import config_hash, help_text, load_config
+from opdkit.data.prompts import PromptRecord, encode_prompts, prompt_to_ids, teacher_prompt_text
+from opdkit.errors import UserError, run_cli
+from opdkit.objectives import SampledSignal, compute_advantages, opd_per_token_loss
+from opdkit.objectives.loss import aggregate, token_stats
+from opdkit.rollout import SAMPLERS, RolloutBatch, generate, greedy_sample
+from opdkit.rollout.hf import left_pad, position_ids_from_mask
+from opdkit.teacher.hf import build_teacher_inputs, score, score_kwargs
+from opdkit.train import setup
+from opdkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_dir
+from opdkit.train.config import TrainConfig
+from opdkit.train.logging import MetricsLogger, Progress, prepare_run_dir
+
+# Knobs that may change between a run and its resumption without making it a different run.
+RESUMABLE_KNOBS = ("resume", "overwrite", "steps", "progress", "threads", "save_every", "keep_last", "eval_every")
+
+
+@dataclass
+class Models:
+    student: torch.nn.Module
+    tokenizer: object
+    teacher: torch.nn.Module
+    teacher_is_student: bool
+    eos_ids: list[int]
+    pad_id: int
+    masked_ids: list[int]
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
+
+
+def _special_ids(model, tok, masked_tokens: list[str]) -> tuple[list[int], int, list[int]]:
+    eos = set()
+    for src in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if src is not None:
+            eos.update(src if isinstance(src, (list, tuple)) else [src])
+    if not eos:
+        raise UserError("the tokenizer has no eos_token: responses could never end; use a tokenizer with one")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
+    masked = []
+    for t in masked_tokens:
+        i = tok.convert_tokens_to_ids(t)
+        if i is None or i == tok.unk_token_id:
+            raise UserError(f"rollout.masked_tokens: {t!r} is not a token of the student's tokenizer")
+        masked.append(int(i))
+    return sorted(eos), int(pad), masked
+
+
+# ----------------------------------------------------------------------------------------------- rollouts
+def reference_batch(student, prompt_ids: list[list[int]], records: list[PromptRecord], m: Models,
+                    max_new_tokens: int) -> RolloutBatch:
+    """A RolloutBatch from the dataset's reference responses (GKD's fixed data), teacher-forced through the student
+    for pi_old."""
+    resp = [m.tokenizer.encode(r.meta["completion"], add_special_tokens=False)[: max_new_tokens - 1] + [m.eos_ids[0]]
+            for r in records]
+    T = max(len(x) for x in resp)
+    ids_BP, pmask_BP = left_pad(prompt_ids, m.pad_id)
+    resp_BT = torch.full((len(resp), T), m.pad_id, dtype=torch.long)
+    eos_BT = torch.zeros(len(resp), T, dtype=torch.long)
+    for b, x in enumerate(resp):
+        resp_BT[b, : len(x)] = torch.tensor(x)
+        eos_BT[b, : len(x)] = 1
+    ids, att = torch.cat([ids_BP, resp_BT], 1), torch.cat([pmask_BP, eos_BT], 1)
+    P = ids_BP.shape[1]
+    with torch.no_grad():
+        logits = student(input_ids=ids, attention_mask=att, position_ids=position_ids_from_mask(att),
+                         logits_to_keep=T + 1).logits[:, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, resp_BT[..., None]).squeeze(-1) * eos_BT
+    keep = eos_BT.bool() & ~torch.isin(resp_BT, torch.tensor(m.masked_ids, dtype=torch.long))
+    return RolloutBatch(ids, att, P, resp_BT, keep.long(), eos_BT, lp, lp, torch.arange(len(resp)),
+                        eos_BT.sum(-1), torch.ones(len(resp), dtype=torch.bool))
+
+
+def teacher_signal(cfg: TrainConfig, m: Models, batch: RolloutBatch, records: list[PromptRecord]):
+    """Step 2: the teacher scores the response tokens and returns only the declared signal."""
+    kw = score_kwargs(cfg.objective)
+    kw["chunk_size"] = cfg.teacher.score_chunk_size
+    if cfg.model.teacher in ("self", "self_live"):
+        # OPSD: the teacher sees the privileged context (e.g. the reference solution); the student never does.
+        t_prompts = [prompt_to_ids(teacher_prompt_text(r, cfg.teacher.privileged_template), m.tokenizer,
+                                   use_chat_template=cfg.data.use_chat_template) for r in records]
+        ti = build_teacher_inputs(t_prompts, batch.response_ids_BT, batch.eos_mask_BT, pad_token_id=m.pad_id,
+                                  prompt_index_B=batch.prompt_index_B)
+        return score(m.teacher, ti.input_ids_BL, ti.attention_mask_BL, ti.prompt_len, batch.response_ids_BT,
+                     batch.response_mask_BT, **kw)
+    return score(m.teacher, batch.input_ids_BL, batch.attention_mask_BL, batch.prompt_len, batch.response_ids_BT,
+                 batch.response_mask_BT, **kw)
+
+
+def _slice_signal(sig, rows: slice):
+    cls = type(sig)
+    vals = {k: (v[rows] if isinstance(v, torch.Tensor) and k.endswith(("_BT", "_BTK", "_BTH", "_BTV")) else v)
+            for k, v in sig.__dict__.items()}
+    return cls(**vals)
+
+
+# ----------------------------------------------------------------------------------------------- update
+def update(cfg: TrainConfig, m: Models, opt, sched, batch: RolloutBatch, signal, task_rewards_B) -> dict:
+    """Steps 3-4: advantages once per batch, then PPO epochs x micro-batches with global-count aggregation."""
+    obj = cfg.objective
+    mask_BT = batch.response_mask_BT.bool()
+    old_lp_BT = batch.model_logprobs_BT
+    metrics: dict = {}
+    adv_BT = None
+    if isinstance(signal, SampledSignal):
+        adv_BT, metrics = compute_advantages(obj, old_lp_BT, signal.logprobs_BT, mask_BT, task_rewards_B)
+    n_tokens = max(int(mask_BT.sum()), 1)
+    n_seqs = max(int((mask_BT.sum(-1) > 0).sum()), 1)
+    B, mb = batch.batch_size, cfg.optim.micro_batch_size
+    T = batch.response_len
+    pos_BL = batch.position_ids_BL()
+    m.student.train()
+    reward_BT = torch.zeros(B, T, dtype=torch.float64)
+    sums = {"entropy/student": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy/teacher": 0.0, "divergence": 0.0}
+    grad_norms = []
+    for epoch in range(cfg.optim.ppo_epochs):
+        opt.zero_grad(set_to_none=True)
+        loss_total = 0.0
+        for start in range(0, B, mb):
+            rows = slice(start, min(start + mb, B))
+            out = m.student(input_ids=batch.input_ids_BL[rows], attention_mask=batch.attention_mask_BL[rows],
+                            position_ids=pos_BL[rows], logits_to_keep=T + 1)
+            logits_BTV = out.logits[:, :-1]  # column P-1+t predicts response token t
+            per, mm = opd_per_token_loss(
+                obj, tokens_BT=batch.response_ids_BT[rows], mask_BT=mask_BT[rows], teacher=_slice_signal(signal, rows),
+                logits_BTV=logits_BTV, old_logprobs_BT=old_lp_BT[rows] if obj.uses_old_logprobs else None,
+                advantages_BT=None if adv_BT is None else adv_BT[rows],
+                task_rewards_B=None if task_rewards_B is None or adv_BT is not None else task_rewards_B[rows])
+            loss = aggregate(per.loss_BT, per.mask_BT, obj.aggregation, num_tokens=n_tokens, num_sequences=n_seqs)
+            loss.backward()
+            loss_total += loss.item()
+            if epoch == 0:
+                w = mm["num_tokens"] / n_tokens
+                for k in sums:
+                    sums[k] += w * mm.get(k, 0.0)
+                if adv_BT is None:
+                    reward_BT[rows] = -per.loss_BT.detach().double()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        gn = torch.nn.utils.clip_grad_norm_([p for p in m.student.parameters() if p.requires_grad], clip)
+        grad_norms.append(float(gn))
+        opt.step()
+        if epoch == 0:
+            metrics["loss"] = loss_total
+    sched.step()
+    m.student.eval()
+    if adv_BT is None:  # dense estimators: the "reward" is minus the per-token divergence
+        metrics.update(token_stats("reward", reward_BT, mask_BT, by_position=True))
+    for k, v in sums.items():
+        if k not in metrics and (v != 0.0 or k in ("entropy/student", "clip_frac")):
+            metrics[k] = v
+    metrics["grad_norm"] = grad_norms[0]
+    metrics["grad_norm_max_epoch"] = max(grad_norms)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------- eval
+def evaluate_greedy(m: Models, source: setup.PromptSource, cfg: TrainConfig) -> dict:
+    """Held-out accuracy with greedy decoding (avg@1) and mean response length."""
+    if not source.eval_records:
+        return {}
+    ids, report = encode_prompts(source.eval_records, m.tokenizer, use_chat_template=cfg.data.use_chat_template,
+                                 max_prompt_tokens=cfg.data.max_prompt_tokens, on_too_long="truncate")
+    batch = generate(m.student, ids, n_samples=1, max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0,
+                     eos_token_ids=m.eos_ids, pad_token_id=m.pad_id, sampler=greedy_sample, batch_size=64)
+    texts = decode(m, batch)
+    correct = [source.score(t, source.eval_records[i]) for i, t in zip(report["kept_indices"], texts, strict=True)]
+    return {"eval/accuracy": sum(correct) / len(correct),
+            "eval/response_length": batch.response_lengths_B.double().mean().item()}
+
+
+def decode(m: Models, batch: RolloutBatch) -> list[str]:
+    out = []
+    for ids, n in zip(batch.response_ids_BT.tolist(), batch.response_lengths_B.tolist(), strict=True):
+        out.append(m.tokenizer.decode(ids[:n], skip_special_tokens=True))
+    return out
+
+
+def _scheduler(opt, cfg: TrainConfig):
+    warm, total, kind = cfg.optim.warmup_steps, cfg.steps, cfg.optim.schedule
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# ----------------------------------------------------------------------------------------------- main loop
+def train(cfg: TrainConfig) -> dict:
+    torch.set_num_threads(cfg.threads)
+    # Set-up: everything that can fail on bad input happens before the run dir is written.
+    source = setup.prompt_source(cfg.data, cfg.seed)
+    if cfg.rollout.gkd_lambda < 1.0 and source.draw(random.Random(0), 1)[0].meta.get("completion") is None:
+        raise UserError("rollout.gkd_lambda < 1 mixes in the dataset's reference responses: set "
+                        "data.completion_field (built-in tasks have them)")
+    student, tok = setup.load_student(cfg.model, cfg.seed)
+    teacher, is_self = setup.load_teacher(cfg.model, student, tok)
+    student = setup.maybe_lora(student, cfg.model)
+    if is_self:
+        teacher = student
+    eos, pad, masked = _special_ids(student, tok, cfg.rollout.masked_tokens)
+    m = Models(student, tok, teacher, is_self, eos, pad, masked)
+    chash = config_hash(cfg, exclude=RESUMABLE_KNOBS)
+    run_dir = prepare_run_dir(cfg.run_dir, chash, resume=cfg.resume, overwrite=cfg.overwrite, config=cfg)
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                            weight_decay=cfg.optim.weight_decay)
+    sched = _scheduler(opt, cfg)
+    start = 0
+    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+    if ckpt is not None:
+        start = int(load_checkpoint(ckpt, student, opt, sched)["step"])
+    logger = MetricsLogger(run_dir, resume_step=start)
+    sampler = SAMPLERS[cfg.rollout.sampler]
+    teacher_tokens = 0
+    summary: dict = {"run_dir": str(run_dir), "start_step": start}
+
+    if start == 0:
+        summary["initial"] = evaluate_greedy(m, source, cfg)
+        logger.log(0, summary["initial"])
+    with Progress(cfg.steps, enabled=cfg.progress, start_step=start, description="opd") as progress:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            rng = random.Random(_step_seed(cfg.seed, step))
+            gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step))
+            torch.manual_seed(_step_seed(cfg.seed, step))  # dropout etc. in the update
+            # 1. prompts and responses
+            records = source.draw(rng, cfg.rollout.prompts_per_step)
+            prompt_ids, report = encode_prompts(records, tok, use_chat_template=cfg.data.use_chat_template,
+                                                max_prompt_tokens=cfg.data.max_prompt_tokens,
+                                                on_too_long=cfg.data.on_too_long)
+            records = [records[i] for i in report["kept_indices"]]
+            on_policy = rng.random() < cfg.rollout.gkd_lambda
+            if on_policy:
+                batch = generate(student, prompt_ids, n_samples=cfg.rollout.n_samples,
+                                 max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                                 top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k or None, eos_token_ids=eos,
+                                 pad_token_id=pad, masked_token_ids=masked, sampler=sampler, generator=gen)
+            else:
+                batch = reference_batch(student, prompt_ids, records, m, cfg.rollout.max_new_tokens)
+            row_records = [records[i] for i in batch.prompt_index_B.tolist()]
+            t1 = time.perf_counter()
+            # 2. teacher scoring (one no-grad forward over prompt + response)
+            signal = teacher_signal(cfg, m, batch, records)
+            teacher_tokens += int(batch.eos_mask_BT.sum())
+            t2 = time.perf_counter()
+            texts = decode(m, batch)
+            rewards_B = torch.tensor([source.score(t, r) for t, r in zip(texts, row_records, strict=True)],
+                                     dtype=torch.float64)
+            task_rewards = rewards_B if cfg.task_reward else None
+            # 3-4. objective and update
+            metrics = update(cfg, m, opt, sched, batch, signal, task_rewards)
+            t3 = time.perf_counter()
+            n_gen = int(batch.eos_mask_BT.sum())
+            metrics.update({
+                "train/accuracy": rewards_B.mean().item(), "on_policy": float(on_policy),
+                "response_length/mean": batch.response_lengths_B.double().mean().item(),
+                "response_length/max": int(batch.response_lengths_B.max()),
+                "finished_frac": batch.finished_B.double().mean().item(),
+                "prompts_too_long": report["n_too_long"], "teacher_tokens": teacher_tokens,
+                "lr": sched.get_last_lr()[0], "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
+                "tokens_per_s/generate": n_gen / max(t1 - t0, 1e-9), "tokens_per_s/score": n_gen / max(t2 - t1, 1e-9),
+                "tokens_per_s/update": n_gen * cfg.optim.ppo_epochs / max(t3 - t2, 1e-9),
+            })
+            done = step + 1
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                metrics.update(evaluate_greedy(m, source, cfg))
+            metrics["time/step"] = time.perf_counter() - t0
+            logger.log(done, metrics)
+            progress.update(done, {"loss": metrics["loss"], "acc": metrics["train/accuracy"],
+                                   "reward": metrics.get("reward/mean", 0.0), "gnorm": metrics["grad_norm"]})
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+                save_checkpoint(run_dir, done, student.state_dict(), opt, sched, extra={"teacher_tokens": teacher_tokens},
+                                keep_last=cfg.keep_last)
+    summary["final"] = evaluate_greedy(m, source, cfg)
+    logger.log(cfg.steps, summary["final"])
+    logger.close()
+    final = student.merge_and_unload() if cfg.model.lora_r > 0 else student
+    save_model_dir(final, tok, run_dir / "final")
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    init, fin = summary.get("initial", {}), summary.get("final", {})
+    table = Table(title=f"opdkit train — {summary['run_dir']}")
+    for col in ("metric", "before", "after", "change"):
+        table.add_column(col)
+    for k in sorted(set(init) | set(fin)):
+        a, b = init.get(k), fin.get(k)
+        pct = k.endswith("accuracy")
+        fmt = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.2f}")
+        change = "" if a is None or b is None else (f"{100 * (b - a):+.1f} pts" if pct else f"{b - a:+.2f}")
+        table.add_row(k, "-" if a is None else fmt(a), "-" if b is None else fmt(b), change)
+    Console().print(table)
+
+
+def quiet_transformers() -> None:
+    """No per-file 'Loading weights' bars from transformers: opdkit prints its own progress."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def main(argv: list[str]) -> int:
+    quiet_transformers()
+
+    def run(args: list[str]) -> int:
+        if any(a in ("-h", "--help") for a in args):
+            print("usage: opdkit train [config.yaml] [key=value ...]\n")
+            print(help_text(TrainConfig))
+            return 0
+        yaml_path = args[0] if args and "=" not in args[0] else None
+        cfg = load_config(TrainConfig, yaml_path, args[1:] if yaml_path else args)
+        print_summary(train(cfg))
+        return 0
+
+    return run_cli(run, argv)

@@ -1,0 +1,174 @@
+"""Everything `opdkit train` resolves before its first step: models, tokenizer checks, prompt sources.
+
+All of it runs before the run directory is touched, so bad input fails with one line and nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from opdkit.data.prompts import PromptRecord
+from opdkit.errors import UserError
+from opdkit.models import apply_lora, check_compatible, load_causal_lm
+from opdkit.teacher.hf import frozen_copy
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------- model specs
+def embedded_dir() -> Path:
+    return Path(str(resources.files("opdkit") / "assets" / "embedded"))
+
+
+def resolve_model_spec(spec: str) -> str:
+    """`embedded:student|teacher` -> the packaged model dir; anything else unchanged."""
+    if spec.startswith("embedded:"):
+        name = spec.split(":", 1)[1]
+        path = embedded_dir() / name
+        if name not in ("student", "teacher", "tokenizer") or not path.exists():
+            raise UserError(f"unknown embedded model {spec!r}: use embedded:student or embedded:teacher "
+                            f"(looked in {embedded_dir()}; regenerate with scripts/make_embedded.py)")
+        return str(path)
+    return spec
+
+
+def embedded_task() -> dict:
+    path = embedded_dir() / "task.json"
+    if not path.exists():
+        raise UserError(f"the embedded task is missing ({path}); regenerate it with scripts/make_embedded.py")
+    return json.loads(path.read_text())
+
+
+def _config_file(spec: str) -> dict | None:
+    """A model config file (.json/.yaml) -> dict for a randomly initialised model; None for other specs."""
+    if not spec.endswith((".json", ".yaml", ".yml")):
+        return None
+    p = Path(spec)
+    if not p.is_file():
+        raise UserError(f"model config file not found: {spec}")
+    try:
+        data = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"model config {spec} is not valid JSON/YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise UserError(f"model config {spec} must be a mapping with a model_type (e.g. llama)")
+    return data
+
+
+def load_student(mcfg, seed: int):
+    """(student, tokenizer). A config-file student is randomly initialised with `seed` (deterministic)."""
+    spec = resolve_model_spec(mcfg.student)
+    dtype = DTYPES[mcfg.dtype]
+    conf = _config_file(spec)
+    if conf is not None:
+        if not mcfg.tokenizer:
+            raise UserError("model.student is a config file: set model.tokenizer to a tokenizer dir")
+        torch.manual_seed(seed)
+        return load_causal_lm(conf, tokenizer=resolve_model_spec(mcfg.tokenizer), dtype=dtype)
+    model, tok = load_causal_lm(spec, dtype=dtype, trust_remote_code=mcfg.trust_remote_code,
+                                gguf_cache_dir=mcfg.gguf_cache_dir)
+    if mcfg.tokenizer:  # an explicit tokenizer dir overrides the model's own
+        from transformers import AutoTokenizer
+
+        tok_dir = resolve_model_spec(mcfg.tokenizer)
+        if not Path(tok_dir).is_dir():
+            raise UserError(f"model.tokenizer={mcfg.tokenizer!r} is not a directory")
+        tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    return model, tok
+
+
+def load_teacher(mcfg, student, student_tok):
+    """The teacher model, and whether it is the student itself (self_live). Checked against the student."""
+    if mcfg.teacher == "self":
+        return frozen_copy(student), False  # OPSD: the student's initial weights, frozen
+    if mcfg.teacher == "self_live":
+        return student, True
+    spec = resolve_model_spec(mcfg.teacher)
+    teacher, t_tok = load_causal_lm(spec, dtype=DTYPES[mcfg.teacher_dtype], trust_remote_code=mcfg.trust_remote_code,
+                                    gguf_cache_dir=mcfg.gguf_cache_dir)
+    check_compatible(student_tok, t_tok, student, teacher)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval(), False
+
+
+def maybe_lora(model, mcfg):
+    if mcfg.lora_r <= 0:
+        return model
+    return apply_lora(model, r=mcfg.lora_r, alpha=mcfg.lora_alpha, dropout=mcfg.lora_dropout,
+                      target_modules=list(mcfg.lora_target_modules))
+
+
+# --------------------------------------------------------------------------------------------- prompt sources
+@dataclass
+class PromptSource:
+    """Training prompts drawn per step, held-out eval records, and the answer check."""
+
+    draw: Callable[[random.Random, int], list[PromptRecord]]   # (rng, n) -> n records
+    eval_records: list[PromptRecord]
+    score: Callable[[str, PromptRecord], float]              # response text -> reward in [0, 1]
+    description: str
+
+
+def _record(ex, privileged_field: str | None = None, completion_field: str | None = None) -> PromptRecord:
+    meta = dict(ex.meta)
+    meta["example"] = ex
+    if completion_field or ex.completion is not None:
+        meta["completion"] = ex.completion
+    privileged = ex.meta.get(privileged_field) if privileged_field else None
+    if privileged is None:
+        privileged = ex.completion if ex.completion is not None else ex.answer
+    return PromptRecord(prompt_text=ex.prompt, answer=ex.answer, privileged=privileged, meta=meta)
+
+
+def prompt_source(dcfg, seed: int) -> PromptSource:
+    from opdkit.tasks import get_checker, get_task, load_examples
+
+    spec = dcfg.prompts
+    if spec.startswith("task:"):
+        name = spec.split(":", 1)[1]
+        args: dict = {}
+        if name == "embedded":
+            info = embedded_task()
+            name, args = info["task"], dict(info.get("task_args", {}))
+        try:
+            task = get_task(name, **args)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"data.prompts={spec!r}: {e}") from None
+        eval_records = [_record(ex) for ex in task.sample("heldout", n=dcfg.eval_prompts, seed=10_007 + seed,
+                                                          unique=True)]
+
+        def draw(rng: random.Random, n: int) -> list[PromptRecord]:
+            return [_record(ex) for ex in task.sample("train", n=n, seed=rng.randrange(2**31))]
+
+        return PromptSource(draw, eval_records, lambda text, r: task.score(text, r.meta["example"]),
+                            f"task {name} {args}")
+
+    kw = dict(prompt_field=dcfg.prompt_field, answer_field=dcfg.answer_field, completion_field=dcfg.completion_field,
+              messages_field=dcfg.messages_field)
+    try:
+        train = load_examples(spec, split="train", **kw)
+        held = load_examples(spec, split="heldout", **kw) if dcfg.eval_prompts else []
+    except ValueError as e:  # DatasetError: already names the file, line and fix
+        raise UserError(str(e)) from None
+    checker = get_checker(dcfg.checker)
+    train_records = [_record(ex, dcfg.privileged_field, dcfg.completion_field) for ex in train]
+    eval_records = [_record(ex, dcfg.privileged_field) for ex in held[: dcfg.eval_prompts]]
+    if dcfg.completion_field and any(r.meta.get("completion") is None for r in train_records):
+        raise UserError(f"data.completion_field={dcfg.completion_field!r} is missing in some rows of {spec}")
+
+    def draw(rng: random.Random, n: int) -> list[PromptRecord]:
+        return [train_records[rng.randrange(len(train_records))] for _ in range(n)]
+
+    def score(text: str, r: PromptRecord) -> float:
+        return float(checker(text, r.answer)) if r.answer is not None else 0.0
+
+    return PromptSource(draw, eval_records, score, f"{spec} ({len(train_records)} train prompts)")
