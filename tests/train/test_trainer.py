@@ -200,3 +200,23 @@ def test_run_dir_holding_another_run_is_refused(pair, tmp_path, capsys):
     assert loop.main(base_overrides(pair, run, 1) + ["objective.divergence=tv"]) == 2
     assert "different run" in capsys.readouterr().err
     assert loop.main(base_overrides(pair, run, 1) + ["objective.divergence=tv", "overwrite=true"]) == 0
+
+
+def test_cli_trains_a_student_built_from_a_config_file(pair, tmp_path):
+    """`opdkit train` with a model config file (random init) from the command line: JSONL, TB, final model."""
+    import yaml
+
+    from opdkit.cli import main as cli_main
+
+    conf = tmp_path / "tiny.yaml"
+    conf.write_text(yaml.safe_dump(dict(model_type="llama", vocab_size=len(__import__("transformers").AutoTokenizer
+                                                                            .from_pretrained(pair["tokenizer"])),
+                                        hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, pad_token_id=0,
+                                        bos_token_id=1, eos_token_id=2)))
+    run = tmp_path / "run"
+    args = base_overrides(pair, run, 2) + [f"model.student={conf}", f"model.tokenizer={pair['tokenizer']}",
+                                           "progress=true"]
+    assert cli_main(["train", *args]) == 0
+    assert len(_metrics(run)) == 4 and any((run / "tb").iterdir())
+    assert (run / "final" / "config.json").is_file()
