@@ -19,7 +19,9 @@ BEGIN, END = "<!-- knobs:{name}:begin -->", "<!-- knobs:{name}:end -->"
 
 
 def tables() -> dict[str, str]:
-    out = {"train": markdown_table(TrainConfig)}
+    from opdkit.diagnostics import DetectorConfig
+
+    out = {"train": markdown_table(TrainConfig), "diagnostics": markdown_table(DetectorConfig)}
     try:
         from opdkit.train.sft import SFTConfig
 

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 
 from opdkit.config import h
+from opdkit.diagnostics import DetectorConfig
 from opdkit.objectives.config import ObjectiveConfig
 
 EMBEDDED_STUDENT = "embedded:student"
@@ -158,6 +159,7 @@ class TrainConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    diagnostics: DetectorConfig = field(default_factory=DetectorConfig)
     steps: int = h("optimizer steps", default=100)
     seed: int = h("seed: every step's randomness derives from (seed, step), so a resumed run continues exactly",
                   default=0)

@@ -26,17 +26,20 @@ from dataclasses import dataclass
 import torch
 
 from opdkit.config import config_hash, help_text, load_config
+from opdkit.diagnostics import FailureDetector
 from opdkit.data.prompts import PromptRecord, encode_prompts, prompt_to_ids, teacher_prompt_text
 from opdkit.errors import UserError, run_cli
 from opdkit.objectives import SampledSignal, compute_advantages, opd_per_token_loss
-from opdkit.objectives.loss import aggregate, token_stats
+from opdkit.objectives.loss import aggregate, divergence_of, token_stats
+from opdkit.objectives.sampled import token_rewards
 from opdkit.rollout import SAMPLERS, RolloutBatch, generate, greedy_sample
 from opdkit.rollout.hf import left_pad, position_ids_from_mask
 from opdkit.teacher.hf import build_teacher_inputs, score, score_kwargs
 from opdkit.train import setup
 from opdkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_dir
 from opdkit.train.config import TrainConfig
-from opdkit.train.logging import MetricsLogger, Progress, prepare_run_dir
+from opdkit.report.plots import plot_run, reward_histogram
+from opdkit.train.logging import MetricsLogger, Progress, prepare_run_dir, read_metrics
 
 # Knobs that may change between a run and its resumption without making it a different run.
 RESUMABLE_KNOBS = ("resume", "overwrite", "steps", "progress", "threads", "save_every", "keep_last", "eval_every")
@@ -132,6 +135,9 @@ def update(cfg: TrainConfig, m: Models, opt, sched, batch: RolloutBatch, signal,
     adv_BT = None
     if isinstance(signal, SampledSignal):
         adv_BT, metrics = compute_advantages(obj, old_lp_BT, signal.logprobs_BT, mask_BT, task_rewards_B)
+        # the reward before transforms, for the reward-distribution plots (PowerOPD fig. 2)
+        raw = token_rewards(obj, divergence_of(obj), old_lp_BT, signal.logprobs_BT)
+        metrics["reward/hist"] = reward_histogram(raw, mask_BT)
     n_tokens = max(int(mask_BT.sum()), 1)
     n_seqs = max(int((mask_BT.sum(-1) > 0).sum()), 1)
     B, mb = batch.batch_size, cfg.optim.micro_batch_size
@@ -173,6 +179,7 @@ def update(cfg: TrainConfig, m: Models, opt, sched, batch: RolloutBatch, signal,
     m.student.eval()
     if adv_BT is None:  # dense estimators: the "reward" is minus the per-token divergence
         metrics.update(token_stats("reward", reward_BT, mask_BT, by_position=True))
+        metrics["reward/hist"] = reward_histogram(reward_BT, mask_BT)
     for k, v in sums.items():
         if k not in metrics and (v != 0.0 or k in ("entropy/student", "clip_frac")):
             metrics[k] = v
@@ -243,12 +250,16 @@ def train(cfg: TrainConfig) -> dict:
     if ckpt is not None:
         start = int(load_checkpoint(ckpt, student, opt, sched)["step"])
     logger = MetricsLogger(run_dir, resume_step=start)
+    detector = FailureDetector.for_run(cfg)  # known OPD failure modes, one log line each (docs/diagnostics.md)
+    if start:
+        detector.replay(read_metrics(run_dir))
     sampler = SAMPLERS[cfg.rollout.sampler]
     teacher_tokens = 0
     summary: dict = {"run_dir": str(run_dir), "start_step": start}
 
     if start == 0:
         summary["initial"] = evaluate_greedy(m, source, cfg)
+        detector.update(0, summary["initial"])
         logger.log(0, summary["initial"])
     with Progress(cfg.steps, enabled=cfg.progress, start_step=start, description="opd") as progress:
         for step in range(start, cfg.steps):
@@ -298,6 +309,10 @@ def train(cfg: TrainConfig) -> dict:
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 metrics.update(evaluate_greedy(m, source, cfg))
             metrics["time/step"] = time.perf_counter() - t0
+            warnings = detector.update(done, metrics)
+            metrics["warnings"] = [w.to_dict() for w in warnings]
+            for w in warnings:
+                progress.print(w.line())
             logger.log(done, metrics)
             progress.update(done, {"loss": metrics["loss"], "acc": metrics["train/accuracy"],
                                    "reward": metrics.get("reward/mean", 0.0), "gnorm": metrics["grad_norm"]})
@@ -309,6 +324,8 @@ def train(cfg: TrainConfig) -> dict:
     logger.close()
     final = student.merge_and_unload() if cfg.model.lora_r > 0 else student
     save_model_dir(final, tok, run_dir / "final")
+    summary["plots"] = [str(p) for p in plot_run(run_dir)]
+    summary["warnings"] = [w.line() for w in detector.history]
     return summary
 
 
