@@ -7,7 +7,9 @@ Every field carries a `help` string (used by `opdkit train --help` and docs/obje
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from opdkit.config import h
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tv", "alpha")
 ESTIMATORS = ("sampled", "topk", "full")
@@ -30,11 +32,6 @@ def _in_range(name: str, value: float, lo: float, hi: float, lo_open: bool = Fal
     if not ok:
         lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
         raise ValueError(f"objective.{name}={value!r} must be a number in {lb}{lo}, {hi}{rb}")
-
-
-def h(text: str, **kw):
-    """A dataclass field with a help string (kw: default=... or default_factory=...)."""
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass
