@@ -317,8 +317,11 @@ def train(cfg: TrainConfig) -> dict:
             progress.update(done, {"loss": metrics["loss"], "acc": metrics["train/accuracy"],
                                    "reward": metrics.get("reward/mean", 0.0), "gnorm": metrics["grad_norm"]})
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-                save_checkpoint(run_dir, done, student.state_dict(), opt, sched, extra={"teacher_tokens": teacher_tokens},
-                                keep_last=cfg.keep_last)
+                ckpt = save_checkpoint(run_dir, done, student.state_dict(), opt, sched,
+                                       extra={"teacher_tokens": teacher_tokens}, keep_last=cfg.keep_last)
+                if cfg.model.lora_r == 0:  # config + tokenizer beside the weights: `opdkit eval <checkpoint>` works
+                    student.config.save_pretrained(ckpt)
+                    tok.save_pretrained(ckpt)
     summary["final"] = evaluate_greedy(m, source, cfg)
     logger.log(cfg.steps, summary["final"])
     logger.close()
