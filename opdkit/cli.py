@@ -1,4 +1,4 @@
-"""`opdkit <command> ...`: train | sft | eval (each takes `[config.yaml] key=value ...`; `--help` lists knobs)."""
+"""`opdkit <command> ...`: train | sft | eval | compare (each takes `[config.yaml] key=value ...`; `--help` lists knobs)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ COMMANDS = {
     "train": ("opdkit.train.loop", "on-policy distillation of a student from a teacher (default: embedded models)"),
     "sft": ("opdkit.train.sft", "supervised fine-tuning on prompt/completion pairs (cold start; make a teacher)"),
     "eval": ("opdkit.eval.run", "avg@k / pass@k / response length of a model on a task or dataset"),
+    "compare": ("opdkit.compare", "a grid of methods x seeds -> results table, plots, HTML report"),
 }
 
 

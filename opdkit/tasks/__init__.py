@@ -17,6 +17,7 @@ from .base import ANSWER_MARKER, SPLITS, Example, Perturbation, Task, extract_an
 from .checkers import Checker, get_checker
 from .data import DatasetError, format_prompt, load_examples
 from .tokenizer import SPECIAL_TOKENS, build_char_tokenizer
+from .word_arith import WordArith
 
 __all__ = [
     "ANSWER_MARKER",
@@ -39,7 +40,7 @@ __all__ = [
     "split_of",
 ]
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Addition, ArithChain)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Addition, ArithChain, WordArith)}
 
 
 def get_task(name: str, **kwargs) -> Task:

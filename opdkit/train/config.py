@@ -80,7 +80,7 @@ class DataConfig:
     max_prompt_tokens: int = h("prompts longer than this are reported and handled by on_too_long", default=256)
     on_too_long: str = h("skip or truncate (left) over-long prompts", default="skip")
     eval_prompts: int = h("held-out prompts used by the in-training evaluation (built-in tasks: the held-out split)",
-                          default=128)
+                          default=500)
 
     def __post_init__(self) -> None:
         _choice("data", "on_too_long", self.on_too_long, ("skip", "truncate"))
@@ -90,9 +90,9 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    prompts_per_step: int = h("prompts sampled per step", default=16)
-    n_samples: int = h("responses sampled per prompt", default=2)
-    max_new_tokens: int = h("response length limit (tokens)", default=64)
+    prompts_per_step: int = h("prompts sampled per step", default=32)
+    n_samples: int = h("responses sampled per prompt", default=1)
+    max_new_tokens: int = h("response length limit (tokens)", default=100)
     temperature: float = h("sampling temperature", default=1.0)
     top_p: float = h("nucleus sampling (1.0 = off); Revisiting OPD uses top-p rollouts", default=1.0)
     top_k: int = h("top-k sampling (0 = off)", default=0)
@@ -126,14 +126,14 @@ class TeacherConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = h("AdamW learning rate", default=1e-4)
+    lr: float = h("AdamW learning rate", default=2e-3)
     weight_decay: float = h("AdamW weight decay", default=0.0)
     beta1: float = h("AdamW beta1", default=0.9)
-    beta2: float = h("AdamW beta2", default=0.999)
+    beta2: float = h("AdamW beta2", default=0.99)
     warmup_steps: int = h("linear warm-up steps", default=0)
-    schedule: str = h("learning-rate schedule after warm-up: constant or cosine", default="constant")
+    schedule: str = h("learning-rate schedule after warm-up: constant or cosine", default="cosine")
     grad_clip: float = h("clip the gradient norm to this (0 = off); the norm is logged every step", default=1.0)
-    micro_batch_size: int = h("sequences per forward/backward (gradient accumulation over the step)", default=16)
+    micro_batch_size: int = h("sequences per forward/backward (gradient accumulation over the step)", default=32)
     ppo_epochs: int = h("passes over each step's rollouts (> 1 needs objective.pg=ppo to stay on-policy-ish)",
                         default=1)
 
@@ -157,10 +157,13 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    # The trainer's default objective is exact full-vocabulary reverse KL: on the embedded task the sampled estimator
+    # at this learning rate oscillates (heavy negative reward tail, see docs/embedded.md); every other objective is
+    # one override away (objective.estimator=sampled, objective.reward=power, ...).
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(estimator="full"))
     optim: OptimConfig = field(default_factory=OptimConfig)
     diagnostics: DetectorConfig = field(default_factory=DetectorConfig)
-    steps: int = h("optimizer steps", default=100)
+    steps: int = h("optimizer steps", default=900)
     seed: int = h("seed: every step's randomness derives from (seed, step), so a resumed run continues exactly",
                   default=0)
     threads: int = h("torch CPU threads (2-thread runs next to another busy process were 30-60x slower here)",
@@ -168,9 +171,9 @@ class TrainConfig:
     run_dir: str = h("output directory (metrics.jsonl, tb/, checkpoints/, config.yaml, plots)", default="runs/opd")
     resume: bool = h("continue the run in run_dir from its latest checkpoint", default=False)
     overwrite: bool = h("replace whatever run_dir holds", default=False)
-    save_every: int = h("checkpoint every N steps (0 = only at the end)", default=50)
+    save_every: int = h("checkpoint every N steps (0 = only at the end)", default=300)
     keep_last: int = h("checkpoints kept", default=2)
-    eval_every: int = h("evaluate on held-out prompts every N steps (0 = only before and after)", default=0)
+    eval_every: int = h("evaluate on held-out prompts every N steps (0 = only before and after)", default=300)
     task_reward: bool = h("score responses with the answer checker and pass the reward to the objective "
                           "(used when objective.task_reward_coef != 0)", default=False)
     progress: bool = h("show a progress bar", default=True)

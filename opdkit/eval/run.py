@@ -1,0 +1,448 @@
+"""`opdkit eval`: accuracy (avg@k), pass@k and response length of a model on a task's held-out split or a dataset.
+
+    opdkit eval model=embedded:student                           # the embedded task, held-out split, greedy
+    opdkit eval model=runs/sft/final task=addition task_args='{digits: 3}' n=200 k=4 temperature=1.0
+    opdkit eval model=runs/opd/checkpoints/step_000100 data=test.jsonl checker=marker:#### out=eval.json
+
+`model` is an HF model dir (config.json + weights + tokenizer), an opdkit checkpoint dir
+(`run_dir/checkpoints/step_N/`: model.safetensors + state.json; its architecture and tokenizer come from the
+checkpoint dir itself when it holds config.json + tokenizer files, else from the run's `final/` dir), a `.gguf`
+file, or `embedded:student` / `embedded:teacher` (the models shipped in `opdkit/assets/embedded/`).
+
+Python API: `evaluate(model, tokenizer, examples, checker_or_task, ...)`; `load_eval_model(spec)`;
+`resolve_model_spec(spec)`; `resolve_task(name, task_args)`; `task_examples(...)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from opdkit.config import h, help_text, load_config
+from opdkit.errors import UserError, one_line, run_cli
+from opdkit.eval.metrics import pass_at_k
+
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded"
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_NAMES = ("student", "teacher")
+TASK_JSON = "task.json"
+
+__all__ = [
+    "EMBEDDED_DIR",
+    "EvalConfig",
+    "embedded_task_info",
+    "evaluate",
+    "load_eval_model",
+    "main",
+    "resolve_model_spec",
+    "resolve_task",
+    "run_eval",
+    "split_cli_args",
+    "task_examples",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------- specs
+
+
+def resolve_model_spec(spec: str | os.PathLike) -> str:
+    """`embedded:student` / `embedded:teacher` -> the path of that shipped model dir; anything else unchanged.
+    An embedded name that is unknown, or whose assets were not built, -> UserError."""
+    s = os.fspath(spec)
+    if not s.startswith(EMBEDDED_PREFIX):
+        return s
+    name = s[len(EMBEDDED_PREFIX):]
+    if name not in EMBEDDED_NAMES:
+        raise UserError(f"unknown embedded model {s!r}; use one of {', '.join(EMBEDDED_PREFIX + n for n in EMBEDDED_NAMES)}")
+    path = EMBEDDED_DIR / name
+    if not (path / "config.json").is_file():
+        raise UserError(f"embedded model {s!r} is missing ({path}); build it with `python scripts/make_embedded.py`")
+    return str(path)
+
+
+def embedded_task_info() -> dict:
+    """The embedded setting's `task.json`: task, task_args, max_new_tokens, teacher/student held-out accuracy."""
+    p = EMBEDDED_DIR / TASK_JSON
+    if not p.is_file():
+        raise UserError(f"the embedded task is missing ({p}); build it with `python scripts/make_embedded.py`")
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def resolve_task(name: str, task_args: dict | None = None):
+    """(Task, default max_new_tokens) for a built-in task name, or for `embedded` (the embedded setting's task.json;
+    `task_args` then override its arguments). Unknown name or bad arguments -> UserError."""
+    from opdkit.tasks import get_task
+
+    args = dict(task_args or {})
+    max_new = None
+    if name == "embedded":
+        info = embedded_task_info()
+        name, args, max_new = info["task"], {**info.get("task_args", {}), **args}, info.get("max_new_tokens")
+    try:
+        task = get_task(name, **args)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"task {name!r}: {one_line(exc)}") from None
+    if max_new is None:
+        max_new = task.max_completion_chars() + 1  # + EOS; a char-level tokenizer needs one token per char
+    return task, int(max_new)
+
+
+def task_examples(task, split: str = "heldout", n: int = 200, seed: int = 0) -> list:
+    """`n` distinct problems of the task's `split` (the same arguments always give the same list)."""
+    try:
+        return task.sample(split, n, seed=seed, unique=True)
+    except ValueError as exc:
+        raise UserError(one_line(exc)) from None
+
+
+def load_eval_model(spec: str | os.PathLike, *, tokenizer: Any = None, dtype: torch.dtype = torch.float32,
+                    trust_remote_code: bool = False, gguf_cache_dir: str | None = None):
+    """(model, tokenizer) from an HF model dir, an opdkit checkpoint dir, a .gguf file or `embedded:<name>`; eval mode.
+
+    A checkpoint dir (model.safetensors + state.json, see `opdkit.train.checkpoint`) takes its architecture
+    (config.json) and tokenizer from itself when present, else from its run's `final/` dir
+    (`<run_dir>/checkpoints/step_N/../../final`)."""
+    from opdkit.models import load_causal_lm
+    from opdkit.train.checkpoint import is_checkpoint, load_model_state
+
+    path = Path(resolve_model_spec(spec)).expanduser()
+    if path.is_dir() and is_checkpoint(path):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cands = [path, path.parent.parent / "final"]
+        cfg_dir = next((d for d in cands if (d / "config.json").is_file()), None)
+        if cfg_dir is None:
+            raise UserError(f"checkpoint {path} has no config.json and its run has no final/ model dir; fix: pass "
+                            "an HF model dir (e.g. <run_dir>/final) instead")
+        config = AutoConfig.from_pretrained(str(cfg_dir), trust_remote_code=trust_remote_code, local_files_only=True)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        load_model_state(path, model)
+        if tokenizer is None:
+            tok_dir = next((d for d in cands if any((d / f).is_file() for f in ("tokenizer.json",
+                                                                               "tokenizer_config.json"))), None)
+            if tok_dir is None:
+                raise UserError(f"checkpoint {path}: no tokenizer files in it or in its run's final/; pass tokenizer=")
+            tokenizer = tok_dir
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from transformers import AutoTokenizer
+
+            if not Path(tokenizer).exists():
+                raise UserError(f"tokenizer path {tokenizer} does not exist; fix: give a local tokenizer directory")
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=trust_remote_code,
+                                                      local_files_only=True)
+        return model.eval(), tokenizer
+    model, tok = load_causal_lm(str(path), tokenizer=tokenizer, dtype=dtype, trust_remote_code=trust_remote_code,
+                                gguf_cache_dir=gguf_cache_dir)
+    return model.eval(), tok
+
+
+# ----------------------------------------------------------------------------------------------------------- evaluate
+
+
+def _scorer(checker_or_task) -> Callable[[str, Any], float]:
+    from opdkit.tasks import Task, get_checker
+
+    if isinstance(checker_or_task, Task):
+        return lambda text, ex: checker_or_task.score(text, ex)
+    if isinstance(checker_or_task, str):
+        try:
+            fn = get_checker(checker_or_task)
+        except ValueError as exc:
+            raise UserError(f"checker {checker_or_task!r}: {one_line(exc)}") from None
+    elif callable(checker_or_task):
+        fn = checker_or_task
+    else:
+        raise TypeError(f"checker_or_task must be a Task, a checker spec or a callable, got {type(checker_or_task)}")
+
+    def score(text: str, ex) -> float:
+        v = fn(text, ex.answer)
+        return float(v)
+
+    return score
+
+
+def _prompt_ids(examples, tokenizer) -> list[list[int]]:
+    from opdkit.data.prompts import prompt_to_ids
+    from opdkit.tasks import format_prompt
+
+    return [prompt_to_ids(format_prompt(ex, tokenizer), tokenizer) for ex in examples]
+
+
+def _eos_pad(tokenizer) -> tuple[int, int]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("the tokenizer has no eos_token; a model needs one to end its responses")
+    pad = tokenizer.pad_token_id
+    return int(eos), int(eos if pad is None else pad)
+
+
+def evaluate(
+    model,
+    tokenizer,
+    examples: Sequence,
+    checker_or_task,
+    *,
+    k: int = 1,
+    n_samples: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 64,
+    batch_size: int = 64,
+    seed: int = 0,
+    keep_records: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Generate `n_samples` (default k) responses per example and score them.
+
+    checker_or_task: a `Task` (its `score(text, example)`), a checker spec (`marker:=>`, `math_verify`,
+    `module:fn`) or a callable `(response_text, answer) -> float`. temperature 0 = greedy (one generation per
+    example, copied `n_samples` times). `batch_size`: prompts per generate call. Returns
+
+        {"n", "k", "n_samples", "temperature", "avg@k", "pass@k", "accuracy" (= avg@k),
+         "mean_response_tokens" (generated tokens incl. EOS), "truncated" (fraction cut at max_new_tokens),
+         "per_task": {task: {"n", "avg@k", "pass@k", "mean_response_tokens"}}, "records": [...], "seconds"}
+
+    avg@k is the mean score over all samples; pass@k the unbiased estimator of `opdkit.eval.metrics.pass_at_k`
+    (scores >= 0.5 count as correct). records: {"prompt", "answer", "task", "responses", "scores"} per example.
+    """
+    from opdkit.rollout import generate
+
+    if not examples:
+        raise UserError("nothing to evaluate: no examples")
+    n_samples = k if n_samples is None else int(n_samples)
+    if k < 1 or n_samples < k:
+        raise UserError(f"need 1 <= k <= n_samples, got k={k}, n_samples={n_samples}")
+    score = _scorer(checker_or_task)
+    eos, pad = _eos_pad(tokenizer)
+    greedy = temperature == 0
+    gen_n = 1 if greedy else n_samples
+    prompts = _prompt_ids(examples, tokenizer)
+    t0 = time.monotonic()
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    responses: list[list[str]] = []
+    lengths: list[list[int]] = []
+    truncated = 0
+    for s in range(0, len(prompts), batch_size):
+        rb = generate(model, prompts[s:s + batch_size], n_samples=gen_n, max_new_tokens=int(max_new_tokens),
+                      temperature=float(temperature), top_p=top_p, eos_token_ids=eos, pad_token_id=pad,
+                      generator=gen)
+        ids, mask, fin = rb.response_ids_BT, rb.eos_mask_BT, rb.finished_B
+        for b in range(0, ids.shape[0], gen_n):
+            texts, lens = [], []
+            for r in range(b, b + gen_n):
+                L = int(mask[r].sum())
+                toks = ids[r, :L].tolist()
+                if toks and toks[-1] == eos:
+                    toks = toks[:-1]
+                texts.append(tokenizer.decode(toks, skip_special_tokens=True))
+                lens.append(L)
+                truncated += int(not bool(fin[r]))
+            if greedy:
+                texts, lens = texts * n_samples, lens * n_samples
+            responses.append(texts)
+            lengths.append(lens)
+        if progress is not None:
+            progress(min(s + batch_size, len(prompts)), len(prompts))
+    records, groups = [], {}
+    for ex, texts, lens in zip(examples, responses, lengths):
+        scores = [score(t, ex) for t in texts]
+        task = (ex.meta or {}).get("task") or "data"
+        rec = {"prompt": ex.prompt, "answer": ex.answer, "task": task, "responses": texts, "scores": scores,
+               "lengths": lens}
+        records.append(rec)
+        groups.setdefault(task, []).append(rec)
+
+    def summary(recs) -> dict:
+        n_all = sum(len(r["scores"]) for r in recs)
+        return {
+            "n": len(recs),
+            "avg@k": sum(sum(r["scores"]) for r in recs) / n_all,
+            "pass@k": sum(pass_at_k(n_samples, sum(x >= 0.5 for x in r["scores"]), k) for r in recs) / len(recs),
+            "mean_response_tokens": sum(sum(r["lengths"]) for r in recs) / n_all,
+        }
+
+    out = summary(records)
+    gen_rows = len(examples) * gen_n
+    out.update({
+        "k": k, "n_samples": n_samples, "temperature": float(temperature), "accuracy": out["avg@k"],
+        "truncated": truncated / gen_rows,
+        "per_task": {t: summary(rs) for t, rs in sorted(groups.items())},
+        "seconds": time.monotonic() - t0,
+    })
+    if keep_records:
+        out["records"] = records
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------- CLI
+
+
+def _pos(name: str, v, zero: bool = False) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < (0 if zero else 1):
+        raise ValueError(f"eval.{name}={v!r} must be an integer >= {0 if zero else 1}")
+
+
+@dataclass
+class EvalConfig:
+    """opdkit eval: accuracy (avg@k), pass@k and response length of a model on held-out problems or a dataset."""
+
+    model: str = h("HF model dir, opdkit checkpoint dir (run_dir/checkpoints/step_N), .gguf file, or "
+                   "embedded:student / embedded:teacher", default="embedded:student")
+    tokenizer: str | None = h("tokenizer dir (default: the model's own)", default=None)
+    task: str | None = h("built-in task (addition, arith_chain) or embedded (the embedded setting's task); "
+                         "default: embedded unless data is given", default=None)
+    task_args: dict = h("task options, e.g. {digits: 4}", default_factory=dict)
+    split: str = h("task split: heldout or train", default="heldout")
+    data: str | None = h("a JSONL file or save_to_disk dir to evaluate on instead of a task", default=None)
+    prompt_field: str = h("dataset field with the prompt", default="prompt")
+    answer_field: str = h("dataset field with the reference answer", default="answer")
+    messages_field: str | None = h("dataset field with chat messages (instead of prompt_field)", default=None)
+    checker: str = h("answer checker for datasets: marker:<TEXT>, math_verify or module:function",
+                     default="marker:=>")
+    n: int = h("problems (task: distinct held-out problems; dataset: first n rows, 0 = all)", default=200)
+    k: int = h("report avg@k and pass@k", default=1)
+    n_samples: int | None = h("samples per problem for the pass@k estimator (default: k)", default=None)
+    temperature: float = h("sampling temperature (0 = greedy)", default=0.0)
+    top_p: float = h("nucleus sampling (1.0 = off)", default=1.0)
+    max_new_tokens: int | None = h("response length limit (default: the task's longest completion + 1; "
+                                   "datasets: 256)", default=None)
+    batch_size: int = h("prompts per generation batch", default=64)
+    seed: int = h("seed of the problems and of the sampling", default=0)
+    threads: int = h("torch CPU threads", default=1)
+    dtype: str = h("float32 or bfloat16", default="float32")
+    out: str | None = h("write the results (metrics + per-example records) to this JSON file", default=None)
+    show: int = h("print this many example responses", default=3)
+    progress: bool = h("print progress", default=True)
+
+    def __post_init__(self) -> None:
+        for name in ("n", "show"):
+            _pos(name, getattr(self, name), zero=True)
+        for name in ("k", "batch_size", "threads"):
+            _pos(name, getattr(self, name))
+        if self.n_samples is not None:
+            _pos("n_samples", self.n_samples)
+            if self.n_samples < self.k:
+                raise ValueError(f"eval.n_samples={self.n_samples} must be >= k={self.k}")
+        if self.max_new_tokens is not None:
+            _pos("max_new_tokens", self.max_new_tokens)
+        if self.split not in ("heldout", "train"):
+            raise ValueError(f"eval.split={self.split!r} is not one of heldout, train")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"eval.dtype={self.dtype!r} is not one of float32, bfloat16")
+        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0):
+            raise ValueError(f"eval.temperature={self.temperature!r} must be in [0, 100]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"eval.top_p={self.top_p!r} must be in (0, 1]")
+        if self.data is not None and self.task is not None:
+            raise ValueError("eval.task and eval.data exclude each other: evaluate on a task or on a dataset")
+        if self.task is None and self.data is None and self.n == 0:
+            raise ValueError("eval.n=0 means all rows, which only a dataset has: give n >= 1 for a task")
+
+
+def split_cli_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`[config.yaml] key=value ...` -> (yaml path or None, overrides). A second bare argument -> UserError."""
+    argv = list(argv)
+    path = None
+    if argv and "=" not in argv[0]:
+        path = argv.pop(0)
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise UserError(f"unexpected argument {bad[0]!r}: give [config.yaml] then key=value overrides "
+                        "(--help lists the keys)")
+    return path, argv
+
+
+def eval_examples(cfg: EvalConfig):
+    """(examples, checker_or_task, default max_new_tokens) for an EvalConfig."""
+    if cfg.data is not None:
+        from opdkit.tasks import load_examples
+
+        try:
+            exs = load_examples(cfg.data, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
+                                messages_field=cfg.messages_field)
+        except ValueError as exc:  # DatasetError
+            raise UserError(one_line(exc)) from None
+        return (exs[:cfg.n] if cfg.n else exs), cfg.checker, 256
+    task, max_new = resolve_task(cfg.task or "embedded", cfg.task_args)
+    return task_examples(task, cfg.split, cfg.n, cfg.seed), task, max_new
+
+
+def _print_results(res: dict, cfg: EvalConfig, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"opdkit eval: {cfg.model}")
+    for col in ("set", "n", f"avg@{res['k']}", f"pass@{res['k']}", "mean tokens"):
+        table.add_column(col, justify="right" if col != "set" else "left")
+    rows = [("all", res)] + (list(res["per_task"].items()) if len(res["per_task"]) > 1 else [])
+    for name, r in rows:
+        table.add_row(name, str(r["n"]), f"{100 * r['avg@k']:.1f}%", f"{100 * r['pass@k']:.1f}%",
+                      f"{r['mean_response_tokens']:.1f}")
+    console.print(table)
+    for rec in res.get("records", [])[:cfg.show]:
+        console.print(f"[bold]prompt[/bold] {rec['prompt']!r} [bold]answer[/bold] {rec['answer']!r} "
+                      f"[bold]score[/bold] {rec['scores'][0]:g}\n{rec['responses'][0]}", markup=True,
+                      highlight=False)
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Load the model and data of `cfg`, evaluate, write `cfg.out`, print a table; returns the results."""
+    from rich.console import Console
+
+    torch.set_num_threads(cfg.threads)
+    out_path = Path(cfg.out) if cfg.out else None
+    if out_path is not None and out_path.is_dir():
+        raise UserError(f"out={out_path} is a directory; give a .json file path")
+    examples, checker, max_new = eval_examples(cfg)
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    model, tok = load_eval_model(cfg.model, tokenizer=cfg.tokenizer, dtype=dtype)
+    console = Console()
+    prog = None
+    if cfg.progress:
+        prog = lambda i, n: console.print(f"eval {i}/{n}", highlight=False)  # noqa: E731
+    res = evaluate(model, tok, examples, checker, k=cfg.k, n_samples=cfg.n_samples, temperature=cfg.temperature,
+                   top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens or max_new, batch_size=cfg.batch_size,
+                   seed=cfg.seed, progress=prog)
+    from opdkit.config import config_to_dict
+
+    res["config"] = config_to_dict(cfg)
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        tmp.write_text(json.dumps(res, indent=1), encoding="utf-8")
+        os.replace(tmp, out_path)
+    _print_results(res, cfg, console)
+    return res
+
+
+def quiet_transformers() -> None:
+    """No per-file progress bars from transformers' save/load in CLI output."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _main(argv: Sequence[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: opdkit eval [config.yaml] key=value ...\n\n" + help_text(EvalConfig))
+        return 0
+    path, overrides = split_cli_args(argv)
+    cfg = load_config(EvalConfig, path, overrides)
+    quiet_transformers()
+    run_eval(cfg)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`opdkit eval [config.yaml] key=value ...`; bad input -> one line `opdkit: error: ...` and exit code 2."""
+    return run_cli(_main, argv)
