@@ -73,8 +73,9 @@ TEMPLATES = {t.key: t for t in (
               "{items} does {N} have now?", ("After Monday, {N} has {a} + {b} = {s} {items}.",
                                              "After Tuesday, {p} has {s} + {c} = {r} {items}.")),
     _Template("mul_add", "*+", "{N} has {a} bags with {b} {items} in each bag and {c} more {items} on the table. "
-              "How many {items} does {N} have in total?", ("The bags hold {a} * {b} = {s} {items}.",
-                                                           "With the {c} on the table, {N} has {s} + {c} = {r} {items}.")),
+              "How many {items} does {N} have in total?",
+              ("The bags hold {a} * {b} = {s} {items}.",
+               "With the {c} on the table, {N} has {s} + {c} = {r} {items}.")),
     _Template("mul_sub", "*-", "{N} buys {a} packs of {items} with {b} {items} in each pack and gives {c} of them to "
               "{M}. How many {items} does {N} have left?", ("The packs hold {a} * {b} = {s} {items}.",
                                                             "After giving {c} to {M}, {N} has {s} - {c} = {r} {items} "
@@ -231,7 +232,8 @@ class WordArith(Task):
         f[field] = rng.choice([v for v in range(max(0, true - 3), true + 4) if v != true])
         return t.steps[step].format(**f), "arith"
 
-    def perturb(self, example: Example, rng: random.Random | int | None = None, recovery: str = "resume") -> Perturbation:
+    def perturb(self, example: Example, rng: random.Random | int | None = None,
+                recovery: str = "resume") -> Perturbation:
         """One operation line with a wrong result (off by 1-3), then a correct recovery and the correct final line;
         ``completion[error_start:error_end]`` is the wrong line (newline included). See :meth:`Task.perturb`."""
         if recovery not in ("resume", "redo"):

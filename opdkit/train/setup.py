@@ -94,7 +94,8 @@ def load_student(mcfg, seed: int):
 def load_teacher(mcfg, student, student_tok):
     """The teacher model, and whether it is the student itself (self_live). Checked against the student."""
     if mcfg.teacher == "self":
-        return frozen_copy(student), False  # OPSD: the student's initial weights, frozen
+        # OPSD: the student's initial weights, frozen (bf16 scoring is ~1.9x faster on CPUs with AMX)
+        return frozen_copy(student).to(DTYPES[mcfg.teacher_dtype]), False
     if mcfg.teacher == "self_live":
         return student, True
     spec = resolve_model_spec(mcfg.teacher)
