@@ -11,11 +11,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,6 +28,12 @@ from opdkit.errors import UserError
 log = logging.getLogger(__name__)
 
 GGUF_CACHE_ENV = "OPDKIT_GGUF_CACHE"
+
+# transformers' model construction is not thread-safe: `from_pretrained` swaps `PreTrainedModel.tie_weights` for a
+# no-op and puts it back afterwards (transformers.initialization.no_tie_weights), so two threads loading at once can
+# restore the no-op for good and every later tied model keeps a meta `lm_head`. Every opdkit load (e.g. `opdkit
+# compare` evaluating runs in a thread pool) holds this lock.
+MODEL_LOAD_LOCK = threading.RLock()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -111,6 +119,15 @@ def _load_gguf(path: Path, *, dtype, trust_remote_code: bool, gguf_cache_dir, to
     return model, (tokenizer if tokenizer is not None else tok)
 
 
+def _locked(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with MODEL_LOAD_LOCK:
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_locked
 def load_causal_lm(
     spec: str | os.PathLike | dict | Any,
     *,

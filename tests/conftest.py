@@ -16,6 +16,6 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _cpu_default_device():
-    """Some model-loading paths can leave a non-CPU (meta) default device behind; every test starts on the CPU."""
+    """Every test starts with the CPU as the default device."""
     torch.set_default_device("cpu")
     yield

@@ -109,7 +109,7 @@ def load_eval_model(spec: str | os.PathLike, *, tokenizer: Any = None, dtype: to
     A checkpoint dir (model.safetensors + state.json, see `opdkit.train.checkpoint`) takes its architecture
     (config.json) and tokenizer from itself when present, else from its run's `final/` dir
     (`<run_dir>/checkpoints/step_N/../../final`)."""
-    from opdkit.models import load_causal_lm
+    from opdkit.models import MODEL_LOAD_LOCK, load_causal_lm
     from opdkit.train.checkpoint import is_checkpoint, load_model_state
 
     path = Path(resolve_model_spec(spec)).expanduser()
@@ -122,7 +122,8 @@ def load_eval_model(spec: str | os.PathLike, *, tokenizer: Any = None, dtype: to
             raise UserError(f"checkpoint {path} has no config.json and its run has no final/ model dir; fix: pass "
                             "an HF model dir (e.g. <run_dir>/final) instead")
         config = AutoConfig.from_pretrained(str(cfg_dir), trust_remote_code=trust_remote_code, local_files_only=True)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        with MODEL_LOAD_LOCK:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         load_model_state(path, model)
         if tokenizer is None:
             tok_dir = next((d for d in cands if any((d / f).is_file() for f in ("tokenizer.json",

@@ -31,9 +31,9 @@ def tiny_config() -> transformers.LlamaConfig:
 
 def make(seed: int = 0):
     torch.manual_seed(seed)
-    with torch.device("cpu"):  # another test may leave a meta-device context behind (see closing note)
+    with torch.device("cpu"):
         model = transformers.LlamaForCausalLM(tiny_config())
-    # Tie explicitly: whether the constructor ties depends on transformers' global state left by other tests.
+    # Tie explicitly (the behaviour under test is saving shared tensors once, not the constructor).
     model.lm_head.weight = model.model.embed_tokens.weight
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
