@@ -7,6 +7,7 @@ problem, including the dataclasses' own `__post_init__` ValueErrors, into a one-
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import enum
@@ -244,7 +245,18 @@ def _prefix_message(cls: type, path: str, message: str) -> str:
     return f"{path}: {msg}"
 
 
-def _build(cls: type[T], data: Mapping, prefix: str, raws: dict[str, str]) -> T:
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _build(cls: type[T], data: Mapping, prefix: str, raws: dict[str, str], base: Any = None) -> T:
+    """`cls(**data)` with type checks. `base`: the instance whose values fill the keys `data` leaves out — the
+    enclosing config's default for this section (e.g. TrainConfig's objective defaults to estimator=full), so that
+    overriding one key of a section keeps the section's other defaults instead of falling back to the class's."""
     if not isinstance(data, Mapping):
         raise UserError(f"config section {prefix[:-1] or 'top level'!r} must be a mapping, got {data!r}")
     fields = _fields(cls)
@@ -256,7 +268,9 @@ def _build(cls: type[T], data: Mapping, prefix: str, raws: dict[str, str]) -> T:
     for name, f in fields.items():
         full = prefix + name
         if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if base is not None:
+                kwargs[name] = copy.deepcopy(getattr(base, name))
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise UserError(f"missing required config key {full!r} ({type_name(hints[name])})")
             continue
         tp, value = hints[name], data[name]
@@ -265,7 +279,9 @@ def _build(cls: type[T], data: Mapping, prefix: str, raws: dict[str, str]) -> T:
             if value is None and _optional(tp):
                 kwargs[name] = None
             elif isinstance(value, Mapping):
-                kwargs[name] = _build(section, value, full + ".", raws)
+                sub = getattr(base, name) if base is not None else _default_of(f)
+                sub = sub if isinstance(sub, section) else None
+                kwargs[name] = _build(section, value, full + ".", raws, sub)
             else:
                 raise UserError(f"config key {full!r} is a section: expected a mapping of its keys, got {value!r}")
             continue
@@ -443,29 +459,33 @@ def _fmt_value(v: Any) -> str:
     return str(v)
 
 
-def _sections(cls: type, prefix: str = "") -> Iterator[tuple[str, type, str]]:
-    """(dotted section path, class, help) for `cls` and every nested section, depth first."""
-    yield prefix[:-1], cls, ""
+def _sections(cls: type, prefix: str = "", default: Any = None) -> Iterator[tuple[str, type, str, Any]]:
+    """(dotted section path, class, help, default instance or None) for `cls` and every nested section, depth
+    first. The default instance is the enclosing config's default for the section (a section's defaults can differ
+    from its class's, e.g. TrainConfig's objective)."""
+    yield prefix[:-1], cls, "", default
     hints = get_type_hints(cls)
     for name, f in _fields(cls).items():
         section = _section_class(hints[name])
         if section is not None:
-            for path, c, hlp in _sections(section, prefix + name + "."):
-                yield path, c, (f.metadata.get("help", "") if path == prefix + name else hlp)
+            sub = getattr(default, name) if default is not None else _default_of(f)
+            sub = sub if isinstance(sub, section) else None
+            for path, c, hlp, d in _sections(section, prefix + name + ".", sub):
+                yield path, c, (f.metadata.get("help", "") if path == prefix + name else hlp), d
 
 
 def iter_knobs(cls: type) -> Iterator[Knob]:
     """Every knob (non-section field) of config `cls`, section by section (top level first)."""
-    for path, c, _ in _sections(cls):
+    for path, c, _, inst in _sections(cls):
         hints = get_type_hints(c)
         prefix = path + "." if path else ""
         for name, f in _fields(c).items():
             if _section_class(hints[name]) is not None:
                 continue
-            if f.default is not dataclasses.MISSING:
-                default = _fmt_value(f.default)
-            elif f.default_factory is not dataclasses.MISSING:
-                default = _fmt_value(f.default_factory())
+            if inst is not None:
+                default = _fmt_value(getattr(inst, name))
+            elif f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                default = _fmt_value(_default_of(f))
             else:
                 default = "(required)"
             yield Knob(prefix + name, type_name(hints[name]), default, f.metadata.get("help", ""), path)
@@ -483,7 +503,7 @@ def help_text(cls: type, width: int = 100) -> str:
     lines = ["Knobs: set them in the YAML config or as key=value overrides (dotted keys for sections, e.g. "
              "objective.divergence=jsd); values are parsed as YAML."]
     knobs = list(iter_knobs(cls))
-    for path, c, hlp in _sections(cls):
+    for path, c, hlp, _ in _sections(cls):
         own = [k for k in knobs if k.section == path]
         if not own:
             continue

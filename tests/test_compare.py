@@ -24,13 +24,23 @@ def test_tiny_grid_end_to_end(tmp_path):
     grid.write_text(yaml.safe_dump({"base": base, "seeds": 2, "methods": [
         {"name": "vanilla", "overrides": []},
         {"name": "full_rkl", "overrides": ["objective.estimator=full"]},
+        {"name": "sft_teacher_samples", "kind": "sft", "match": "vanilla"},
         {"name": "sft_init", "kind": "none"},
     ]}))
     out = tmp_path / "cmp"
     args = [str(grid), f"out_dir={out}", "eval_n=4", "eval_k=2", "parallel=2"]
     assert main(args) == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert {r["method"] for r in rows} == {"vanilla", "full_rkl", "sft_init"} and len(rows) == 6
+    assert {r["method"] for r in rows} == {"vanilla", "full_rkl", "sft_teacher_samples", "sft_init"}
+    assert len(rows) == 8
+    # the off-policy SFT baseline stopped at the teacher tokens its matched OPD run scored (within one batch)
+    from opdkit.train.logging import read_metrics
+
+    for seed in (0, 1):
+        opd = [r for r in read_metrics(out / "runs" / "vanilla" / f"seed{seed}") if "teacher_tokens" in r]
+        sft = [r for r in read_metrics(out / "runs" / "sft_teacher_samples" / f"seed{seed}") if "loss" in r]
+        budget = opd[-1]["teacher_tokens"]
+        assert sft[-1]["teacher_tokens"] >= budget and (len(sft) == 1 or sft[-2]["teacher_tokens"] < budget)
     md = (out / "results.md").read_text()
     assert "avg@2" in md and "pass@2" in md and "vanilla" in md
     html = (out / "report.html").read_text()

@@ -38,6 +38,28 @@ class Cfg:
     optim: Optim = h("optimizer", default_factory=Optim)
 
 
+@dataclass
+class Outer:
+    """A config whose section default differs from the section class's defaults (as TrainConfig.objective)."""
+
+    objective: ObjectiveConfig = h("objective", default_factory=lambda: ObjectiveConfig(estimator="full", top_k=8))
+
+
+def test_section_factory_defaults_survive_overrides(tmp_path: Path) -> None:
+    # Overriding one key of a section keeps the enclosing config's defaults for its other keys (a bug once turned
+    # `opdkit train objective.divergence=forward_kl` into the sampled estimator, the class default).
+    c = load_config(Outer, None, ["objective.divergence=forward_kl"])
+    assert (c.objective.estimator, c.objective.top_k, c.objective.divergence) == ("full", 8, "forward_kl")
+    y = tmp_path / "o.yaml"
+    y.write_text("objective:\n  gamma: 0.5\n")
+    c = load_config(Outer, str(y), [])
+    assert (c.objective.estimator, c.objective.gamma) == ("full", 0.5)
+    assert load_config(Outer, None, ["objective.estimator=sampled"]).objective.estimator == "sampled"
+    # --help and the generated knob tables show the same defaults
+    assert "objective.estimator (str, default: full)" in help_text(Outer)
+    assert "| `objective.estimator` | str | `full` |" in markdown_table(Outer)
+
+
 def err(overrides=(), yaml_path=None) -> str:
     with pytest.raises(UserError) as exc:
         load_config(Cfg, yaml_path, list(overrides))

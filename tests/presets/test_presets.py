@@ -237,9 +237,7 @@ def test_smollm2_opsd_preset_two_steps(tmp_path, monkeypatch):
     dequantisation, ~25 s, when the cache is empty; default cache or $OPDKIT_GGUF_CACHE)."""
     from opdkit.train import loop, setup
 
-    if setup.resolve_model_spec("smollm2") == "smollm2":  # the smollm2 hook is not in setup.py: add it here
-        orig = setup.resolve_model_spec
-        monkeypatch.setattr(setup, "resolve_model_spec", lambda s: smollm2.resolve(s) or orig(s))
+    assert setup.resolve_model_spec("smollm2").endswith(".gguf")
     yaml_path, overrides = config_args([
         "smollm2-opsd", "steps=2", "threads=1", "progress=false", f"run_dir={tmp_path / 'run'}",
         "rollout.prompts_per_step=2", "rollout.n_samples=1", "rollout.max_new_tokens=16", "data.eval_prompts=2",
@@ -251,3 +249,14 @@ def test_smollm2_opsd_preset_two_steps(tmp_path, monkeypatch):
     assert all(r["time/generate"] > 0 and r["time/score"] > 0 and r["time/update"] > 0 for r in steps)
     assert "eval/accuracy" in summary["initial"] and "eval/accuracy" in summary["final"]
     assert (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+@needs_smollm2
+def test_eval_and_train_resolve_smollm2_specs():
+    """`opdkit eval model=smollm2` and `opdkit train model.student=smollm2` resolve the same way."""
+    from opdkit.eval.run import resolve_model_spec as eval_resolve
+    from opdkit.train.setup import resolve_model_spec as train_resolve
+
+    for spec in ("smollm2", "smollm2:tokenizer", "smollm2:tiny", "embedded:student", "some/dir"):
+        assert eval_resolve(spec) == train_resolve(spec)
+    assert eval_resolve("smollm2").endswith(".gguf") and eval_resolve("smollm2") != "smollm2"

@@ -64,6 +64,11 @@ def test_samples_from_teacher_counts_teacher_tokens(tmp_path):
                       "data.eval_prompts=0"))
     recs = [r for r in read_metrics(tmp_path / "s") if "loss" in r]
     assert 0 < recs[0]["teacher_tokens"] < recs[1]["teacher_tokens"] == res["teacher_tokens"] <= 2 * 8 * 12
+    # max_teacher_tokens stops at the first step that reaches the budget (equal teacher compute in `opdkit compare`)
+    budget = recs[0]["teacher_tokens"] + 1
+    capped = run_sft(cfg(tmp_path / "c", "steps=50", f"data.samples_from={teacher}", "data.max_new_tokens=12",
+                         "data.eval_prompts=0", f"max_teacher_tokens={budget}"))
+    assert capped["steps"] == 2 and capped["teacher_tokens"] == res["teacher_tokens"] >= budget
 
 
 def test_jsonl_data(tmp_path):
@@ -85,6 +90,8 @@ def test_jsonl_data(tmp_path):
     (["data.task=null", "data.jsonl=BAD"], "line 1: missing field 'completion'"),
     (["model.tokenizer=/nonexistent/tok"], "does not exist"),
     (["stray"], "unexpected argument"),
+    (["max_teacher_tokens=100"], "max_teacher_tokens needs data.samples_from"),
+    (["max_teacher_tokens=-1"], "sft.max_teacher_tokens=-1"),
 ])
 def test_bad_input_exit_2_and_nothing_written(tmp_path, capsys, args, message):
     bad = tmp_path / "bad.jsonl"
