@@ -44,9 +44,9 @@ _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 def default_grid(quick: bool) -> dict:
     """The seeds' methods (OPD+, PowerOPD, full-vocab, top-K, SFT baselines) on the embedded task.
 
-    Every method shares one budget (300 steps x 32 rollouts, AdamW lr 1e-3 with the trainer's cosine schedule) so
-    the table compares objectives, not tuning; `sampled` methods name their estimator because the trainer's default
-    is the full-vocabulary one. The quick grid: 4 methods, 120 steps."""
+    Every method shares one budget (300 steps x 32 rollouts at temperature 1, AdamW lr 1e-3 with the trainer's
+    cosine schedule) so the table compares objectives, not tuning; `sampled` methods name their
+    estimator because the trainer's default is the full-vocabulary one. The quick grid: 4 methods, 120 steps."""
     sampled = ["objective.estimator=sampled"]
     m = [
         ("vanilla", sampled),
@@ -70,8 +70,9 @@ def default_grid(quick: bool) -> dict:
     methods = [{"name": n, "overrides": o} for n, o in m]
     methods.append({"name": "sft_teacher_samples", "kind": "sft", "match": "vanilla"})
     methods.append({"name": "sft_init", "kind": "none"})
-    base = ["optim.lr=1e-3", f"steps={120 if quick else 300}", f"eval_every={40 if quick else 100}",
-            "data.eval_prompts=200", "save_every=100"]
+    base = ["rollout.prompts_per_step=32", "rollout.temperature=1.0", "optim.lr=1e-3",
+            f"steps={120 if quick else 300}", f"eval_every={40 if quick else 100}", "data.eval_prompts=200",
+            "save_every=100"]
     return {"base": base, "seeds": 3, "methods": methods}
 
 
@@ -266,7 +267,8 @@ def evaluate_grid(cfg: CompareConfig, out: Path, methods: list[Method], seeds: i
             "avg@k": res["avg@k"], "pass@k": res["pass@k"], "length": res["mean_response_tokens"],
             "grad_norm_final": steps[-1]["grad_norm"] if steps else float("nan"),
             "grad_norm_max": max((r["grad_norm"] for r in steps), default=float("nan")),
-            "wall_s": sum(r.get("time/step", 0.0) for r in rows),
+            # training seconds: the trainer logs time/step, sft step_seconds (evals not counted)
+            "wall_s": sum(r.get("time/step", r.get("step_seconds", 0.0)) for r in rows),
             "teacher_tokens": (steps[-1].get("teacher_tokens", 0) if steps else
                                (_teacher_tokens(rd) if rows else 0)),
             "run_dir": str(rd),
@@ -295,7 +297,7 @@ def write_outputs(cfg: CompareConfig, out: Path, methods: list[Method], seeds: i
     from opdkit.report.plots import plot_compare
 
     k = cfg.eval_k
-    header = ["method", f"avg@{k}", f"pass@{k}", "length", "grad norm (final)", "grad norm (max)", "wall s/run",
+    header = ["method", f"avg@{k}", f"pass@{k}", "length", "grad norm (final)", "grad norm (max)", "train s/run",
               "teacher tokens", "seeds"]
     rows, csv_rows = [], []
     for m in methods:
@@ -340,6 +342,9 @@ def main(argv: list[str]) -> int:
         grid = args[0] if args and "=" not in args[0] else None
         over = args[1:] if grid else args
         cfg = load_config(CompareConfig, None, over + ([f"grid={grid}"] if grid else []))
+        from opdkit.eval.run import quiet_transformers
+
+        quiet_transformers()
         run_grid(cfg)
         return 0
 

@@ -93,7 +93,11 @@ class RolloutConfig:
     prompts_per_step: int = h("prompts sampled per step", default=32)
     n_samples: int = h("responses sampled per prompt", default=1)
     max_new_tokens: int = h("response length limit (tokens)", default=100)
-    temperature: float = h("sampling temperature", default=1.0)
+    temperature: float | None = h(
+        "sampling temperature; default (null): 0.7 for the dense estimators (full/topk: the samples only choose the "
+        "prefixes at which the exact divergence is taken; on the embedded default 0.7 gained +22.4 pts over 3 seeds "
+        "vs +20.3 at 1.0, docs/embedded.md), 1.0 for sampled (its policy-gradient estimators assume y ~ pi_S)",
+        default=None)
     top_p: float = h("nucleus sampling (1.0 = off); Revisiting OPD uses top-p rollouts", default=1.0)
     top_k: int = h("top-k sampling (0 = off)", default=0)
     sampler: str = h("inverse_cdf (fast) or multinomial (torch.multinomial)", default="inverse_cdf")
@@ -105,7 +109,8 @@ class RolloutConfig:
         for name in ("prompts_per_step", "n_samples", "max_new_tokens"):
             _pos_int("rollout", name, getattr(self, name))
         _pos_int("rollout", "top_k", self.top_k, allow_zero=True)
-        _range("rollout", "temperature", self.temperature, 0.0, 100.0, lo_open=True)
+        if self.temperature is not None:
+            _range("rollout", "temperature", self.temperature, 0.0, 100.0, lo_open=True)
         _range("rollout", "top_p", self.top_p, 0.0, 1.0, lo_open=True)
         _range("rollout", "gkd_lambda", self.gkd_lambda, 0.0, 1.0)
         _choice("rollout", "sampler", self.sampler, ("inverse_cdf", "multinomial"))
@@ -184,5 +189,16 @@ class TrainConfig:
         _pos_int("train", "save_every", self.save_every, allow_zero=True)
         _pos_int("train", "keep_last", self.keep_last)
         _pos_int("train", "eval_every", self.eval_every, allow_zero=True)
+        obj = self.objective
+        if self.rollout.temperature is None:
+            self.rollout.temperature = 1.0 if obj.estimator == "sampled" else 0.7
+        if obj.estimator != "sampled":
+            # Sampled-estimator knobs are ignored by the dense estimators (the trainer's default is `full`): say so
+            # rather than silently run another objective than the one asked for.
+            for name, default in (("gradient", "stopgrad"), ("reward", "divergence"), ("transform", "none")):
+                if getattr(obj, name) != default:
+                    raise ValueError(f"objective.{name}={getattr(obj, name)!r} applies to the sampled estimator only "
+                                     f"(objective.estimator={obj.estimator} uses the exact divergence); add "
+                                     f"objective.estimator=sampled")
         if self.objective.estimator == "sampled" and self.objective.pg != "ppo" and self.optim.ppo_epochs > 1:
             raise ValueError("optim.ppo_epochs > 1 reuses rollouts: set objective.pg=ppo (or keep ppo_epochs=1)")

@@ -37,7 +37,7 @@ def _metrics(run_dir):
     ["objective.estimator=sampled", "objective.gradient=corrected", "objective.divergence=forward_kl"],
     ["objective.estimator=topk", "objective.top_k=4"],
     ["objective.estimator=full", "objective.divergence=jsd"],
-    ["objective.reward=power", "objective.pg=ppo", "optim.ppo_epochs=2"],
+    ["objective.estimator=sampled", "objective.reward=power", "objective.pg=ppo", "optim.ppo_epochs=2"],
 ])
 def test_three_steps_per_estimator_family(pair, tmp_path, objective):
     _run(pair, tmp_path / "run", *objective)
@@ -171,8 +171,11 @@ def test_cli_help_bad_input_and_compat(pair, tmp_path, capsys):
     assert loop.main(base_overrides(pair, run) + ["data.prompts=task:nope"]) == 2
     assert loop.main(base_overrides(pair, run) + ["data.prompts=/no/such.jsonl"]) == 2
     assert loop.main(base_overrides(pair, run) + ["rollout.masked_tokens=['<think>']"]) == 2
+    # a sampled-only knob on the default (full) estimator is refused, not silently ignored
+    assert loop.main(base_overrides(pair, run) + ["objective.reward=power"]) == 2
     err = [e for e in capsys.readouterr().err.strip().splitlines() if e.strip()]
-    assert len(err) == 5 and all(e.startswith("opdkit: error: ") for e in err)
+    assert len(err) == 6 and all(e.startswith("opdkit: error: ") for e in err)
+    assert "add objective.estimator=sampled" in err[-1]
     assert not run.exists()
 
 
