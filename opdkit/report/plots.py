@@ -389,9 +389,19 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
 # ----------------------------------------------------------------------------------------------------------- compare
 
 
+def accuracy_source(recs: dict[str, list[list[dict]]]) -> tuple[bool, set[str]]:
+    """(plot held-out eval?, methods whose runs all evaluate) for the compare accuracy plot. Held-out curves when
+    every run that evaluates has >= 3 points; methods without evals (e.g. compare's SFT baseline, evaluated only at
+    the end) are then left out of that plot rather than forcing every method onto the noisy train curve."""
+    n_eval = {m: [len(_series(r, "eval/accuracy", train_only=False)[0]) for r in rs] for m, rs in recs.items()}
+    evaluated = {m for m, ns in n_eval.items() if ns and all(n > 0 for n in ns)}
+    return bool(evaluated) and all(n >= 3 for m in evaluated for n in n_eval[m]), evaluated
+
+
 def plot_compare(runs: Mapping[str, Sequence[str | os.PathLike]], out_dir: str | os.PathLike) -> dict[str, Path]:
     """Compare methods (each a list of run dirs, one per seed) in `out_dir`: accuracy.png (held-out eval when every
-    run has >= 3 eval points, else train accuracy as a moving average), grad_norm.png (log), response_length.png
+    evaluating run has >= 3 eval points — runs without evals are then left out —, else train accuracy as a moving
+    average), grad_norm.png (log), response_length.png
     (mean line + min-max band over seeds), reward_hist.png (first vs last step, summed over seeds) and
     reward_by_position.png (last step). Returns {plot name: path} for the plots whose data exists."""
     out = Path(out_dir)
@@ -404,9 +414,11 @@ def plot_compare(runs: Mapping[str, Sequence[str | os.PathLike]], out_dir: str |
     def lbl(m: str) -> str:
         return f"{m} (n={n_seeds[m]})"
 
-    use_eval = all(len(_series(r, "eval/accuracy", train_only=False)[0]) >= 3 for rs in recs.values() for r in rs)
+    use_eval, evaluated = accuracy_source(recs)
     acc = {}
     for m, rs in recs.items():
+        if use_eval and m not in evaluated:
+            continue
         if use_eval:
             acc[m] = _aggregate([_series(r, "eval/accuracy", train_only=False) for r in rs])
         else:

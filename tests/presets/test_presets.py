@@ -260,3 +260,17 @@ def test_eval_and_train_resolve_smollm2_specs():
     for spec in ("smollm2", "smollm2:tokenizer", "smollm2:tiny", "embedded:student", "some/dir"):
         assert eval_resolve(spec) == train_resolve(spec)
     assert eval_resolve("smollm2").endswith(".gguf") and eval_resolve("smollm2") != "smollm2"
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_opdkit_eval_on_smollm2(tmp_path):
+    """`opdkit eval model=smollm2 task=word_arith` (the real-model preset's model) writes its JSON (reuses the
+    dequantised cache the preset smoke test made)."""
+    from opdkit.eval.run import main as eval_main
+
+    out = tmp_path / "e.json"
+    assert eval_main(["model=smollm2", "task=word_arith", "n=1", "k=1", "temperature=0", "max_new_tokens=8",
+                      f"out={out}", "progress=false", "show=0"]) == 0
+    res = json.loads(out.read_text())
+    assert res["n"] == 1 and res["per_task"]["word_arith"]["n"] == 1 and 0 < res["mean_response_tokens"] <= 8

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from opdkit.diagnostics import FailureDetector
+from opdkit.report.plots import accuracy_source
 from opdkit.report import (HIST_EDGES, markdown_table, markdown_to_html, method_colors, plot_compare, plot_run,
                            reward_histogram, write_html)
 from opdkit.train.logging import MetricsLogger
@@ -138,6 +139,12 @@ def test_plot_compare_two_methods_two_seeds(tmp_path):
             log.log(8, {"eval/accuracy": 0.5})
     only = plot_compare({"a": [tmp_path / "t0", tmp_path / "t1"]}, tmp_path / "cmp2")
     assert list(only) == ["accuracy"] and is_png(only["accuracy"])
+    # a method that never evaluates (compare's SFT baseline) does not push the others onto the train curve
+    ev = [{"step": s, "eval/accuracy": 0.1 * s} for s in range(3)]
+    noev = [{"step": s, "train/accuracy": 0.1, "grad_norm": 1.0} for s in range(1, 3)]
+    assert accuracy_source({"opd": [ev, ev], "sft": [noev]}) == (True, {"opd"})
+    assert accuracy_source({"opd": [ev, ev[:2]], "sft": [noev]}) == (False, {"opd"})
+    assert accuracy_source({"sft": [noev]}) == (False, set())
     cols = method_colors(["a", "b", "c"])
     assert len(set(cols.values())) == 3 and method_colors(["a", "b"]) == {k: cols[k] for k in "ab"}
 
