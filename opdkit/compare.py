@@ -313,10 +313,11 @@ def write_outputs(cfg: CompareConfig, out: Path, methods: list[Method], seeds: i
         for s, r in sorted(per.items()):
             csv_rows.append({"method": m.name, "seed": s, **{kk: v for kk, v in r.items()}})
     table = markdown_table(header, rows)
-    cmd = "opdkit compare " + " ".join(a for a in sys.argv[2:]) if len(sys.argv) > 1 else "opdkit compare"
+    cmd = ("opdkit compare " + " ".join(a for a in sys.argv[2:])).strip() if len(sys.argv) > 1 else "opdkit compare"
     note = (f"{len(methods)} methods x {seeds} seeds; eval: {cfg.eval_n} held-out problems, k={k}, temperature "
-            f"{cfg.eval_temperature}; mean ± 95% CI over seeds. Training wall time {train_s / 60:.1f} min, total "
-            f"{total_s / 60:.1f} min (parallel={cfg.parallel}, threads/run={cfg.threads}).")
+            f"{cfg.eval_temperature}; mean ± 95% CI over seeds. This invocation: training wall time "
+            f"{train_s / 60:.1f} min, total {total_s / 60:.1f} min (parallel={cfg.parallel}, threads/run="
+            f"{cfg.threads}; finished runs and cached evals are reused, not re-timed).")
     (out / "results.md").write_text(f"# opdkit compare\n\n`{cmd}`\n\n{note}\n\n{table}\n")
     with open(out / "results.csv", "w", newline="") as fh:
         fields = ["method", "seed", "avg@k", "pass@k", "length", "grad_norm_final", "grad_norm_max", "wall_s",
