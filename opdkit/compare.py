@@ -72,7 +72,9 @@ def default_grid(quick: bool) -> dict:
     methods.append({"name": "sft_init", "kind": "none"})
     base = ["rollout.prompts_per_step=32", "rollout.temperature=1.0", "optim.lr=1e-3",
             f"steps={120 if quick else 300}", f"eval_every={40 if quick else 100}", "data.eval_prompts=200",
-            "save_every=100"]
+            "save_every=100",
+            # fp32 teacher on every machine, so the table in docs/results.md is what this grid gives anywhere
+            "model.teacher_dtype=float32"]
     return {"base": base, "seeds": 3, "methods": methods}
 
 

@@ -37,6 +37,43 @@ MODEL_LOAD_LOCK = threading.RLock()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# dtypes
+
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 matmuls in hardware (x86 AVX512-BF16 or AMX-BF16 in the Linux cpuinfo flags).
+
+    Without these units oneDNN emulates bf16 and a bf16 forward can be several times slower than fp32, so "auto"
+    dtypes only pick bf16 when this is true. Unknown (no /proc/cpuinfo, e.g. macOS): False.
+    """
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[-1].split())
+            return any(f in flags for f in NATIVE_BF16_FLAGS)
+    return False
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """float32 / bfloat16, or auto: bfloat16 where the hardware does bf16 natively (a CUDA GPU that supports it, or
+    a CPU with AVX512-BF16 / AMX), float32 elsewhere."""
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    raise ValueError(f"dtype {name!r} is not one of auto, float32, bfloat16")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # loading
 
 

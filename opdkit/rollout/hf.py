@@ -91,6 +91,11 @@ def accepts_kwarg(model, name: str) -> bool:
     return name in params
 
 
+def _cache_of(out):
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.no_grad()
 def _generate_rows(
     model, ids_BP, mask_BP, *, max_new_tokens, temperature, top_p, top_k, eos_B, pad_token_id, sampler, generator,
@@ -100,7 +105,9 @@ def _generate_rows(
     attn_BL = mask_BP.clone()
     out = model(input_ids=ids_BP, attention_mask=attn_BL, position_ids=position_ids_from_mask(attn_BL),
                 use_cache=True, **prefill_kw)
-    past = out.past_key_values
+    # transformers >= 5.2x renamed the KV cache argument/output `past_key_values` -> `cache` (the old name warns)
+    cache_kw = "cache" if accepts_kwarg(model, "cache") else "past_key_values"
+    past = _cache_of(out)
     logits_BV = out.logits[:, -1, :]
     next_pos_B1 = attn_BL.sum(dim=-1, keepdim=True)
     done_B = torch.zeros(B, dtype=torch.bool, device=ids_BP.device)
@@ -125,9 +132,9 @@ def _generate_rows(
         if bool(done_B.all()) or t == max_new_tokens - 1:
             break
         attn_BL = torch.cat([attn_BL, alive_B.long().unsqueeze(-1)], dim=-1)
-        out = model(input_ids=tok_B1, attention_mask=attn_BL, position_ids=next_pos_B1, past_key_values=past,
-                    use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=tok_B1, attention_mask=attn_BL, position_ids=next_pos_B1, use_cache=True,
+                    **{cache_kw: past})
+        past = _cache_of(out)
         logits_BV = out.logits[:, -1, :]
         next_pos_B1 = next_pos_B1 + 1
     stack = lambda xs: torch.stack(xs, dim=1)  # noqa: E731

@@ -255,7 +255,8 @@ def train(cfg: TrainConfig) -> dict:
         detector.replay(read_metrics(run_dir))
     sampler = SAMPLERS[cfg.rollout.sampler]
     teacher_tokens = 0
-    summary: dict = {"run_dir": str(run_dir), "start_step": start}
+    summary: dict = {"run_dir": str(run_dir), "start_step": start,
+                     "teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch.")}
 
     if start == 0:
         summary["initial"] = evaluate_greedy(m, source, cfg)
@@ -338,6 +339,8 @@ def print_summary(summary: dict) -> None:
 
     init, fin = summary.get("initial", {}), summary.get("final", {})
     table = Table(title=f"opdkit train — {summary['run_dir']}")
+    if "teacher_dtype" in summary:  # model.teacher_dtype=auto depends on the machine: say what it chose
+        table.caption = f"teacher dtype: {summary['teacher_dtype']}"
     for col in ("metric", "before", "after", "change"):
         table.add_column(col)
     for k in sorted(set(init) | set(fin)):

@@ -38,9 +38,11 @@ def _metrics(run_dir):
     ["objective.estimator=topk", "objective.top_k=4"],
     ["objective.estimator=full", "objective.divergence=jsd"],
     ["objective.estimator=sampled", "objective.reward=power", "objective.pg=ppo", "optim.ppo_epochs=2"],
+    ["objective.estimator=full", "model.teacher_dtype=bfloat16"],
 ])
 def test_three_steps_per_estimator_family(pair, tmp_path, objective):
-    _run(pair, tmp_path / "run", *objective)
+    summary = _run(pair, tmp_path / "run", *objective)
+    assert summary["teacher_dtype"] == ("bfloat16" if "model.teacher_dtype=bfloat16" in objective else "float32")
     rows = [r for r in _metrics(tmp_path / "run") if "loss" in r]
     assert len(rows) == 3
     for r in rows:

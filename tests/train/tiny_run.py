@@ -26,5 +26,5 @@ def base_overrides(paths: dict[str, str], run_dir: Path, steps: int = 3) -> list
         f"model.student={paths['student']}", f"model.teacher={paths['teacher']}", "data.prompts=task:addition",
         "data.eval_prompts=4", "rollout.prompts_per_step=3", "rollout.n_samples=2", "rollout.max_new_tokens=12",
         "optim.micro_batch_size=4", "optim.lr=1e-3", f"steps={steps}", f"run_dir={run_dir}", "progress=false",
-        "save_every=0",
+        "save_every=0", "model.teacher_dtype=float32",  # the default (auto) depends on the CPU's bf16 support
     ]
