@@ -20,7 +20,6 @@ from opdkit.errors import UserError
 from opdkit.models import apply_lora, check_compatible, load_causal_lm, resolve_dtype
 from opdkit.teacher.hf import frozen_copy
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # --------------------------------------------------------------------------------------------- model specs
@@ -61,7 +60,7 @@ def _config_file(spec: str) -> dict | None:
 def load_student(mcfg, seed: int):
     """(student, tokenizer). A config-file student is randomly initialised with `seed` (deterministic)."""
     spec = resolve_model_spec(mcfg.student)
-    dtype = DTYPES[mcfg.dtype]
+    dtype = resolve_dtype(mcfg.dtype)
     conf = _config_file(spec)
     if conf is not None:
         if not mcfg.tokenizer:
