@@ -13,11 +13,17 @@ import sys
 from typing import Callable, Sequence, TextIO
 
 EXIT_USAGE = 2
+EXIT_RUN_FAILED = 3
 EXIT_INTERRUPTED = 130
 
 
 class UserError(Exception):
     """Bad user input: files, config fields, knobs. The message must say what is wrong and how to fix it."""
+
+
+class RunFailed(UserError):
+    """A run that stopped on its own (e.g. too many consecutive non-finite steps): one line, exit code 3. The
+    message says what happened, where the resumable state is, and what to change."""
 
 
 def one_line(message: object) -> str:
@@ -47,12 +53,16 @@ def run_cli(
     """Call `fn(argv)` and return its exit code (None -> 0).
 
     UserError, and ValueError raised by config validation (`__post_init__`), are printed as
-    `opdkit: error: <message>` (one line) to stderr and give exit code 2. KeyboardInterrupt gives 130.
+    `opdkit: error: <message>` (one line) to stderr and give exit code 2 (RunFailed: 3). KeyboardInterrupt gives
+    130 (a SIGTERM is turned into one by the trainers, see `opdkit.train.signals`).
     Any other exception propagates with its traceback (it is a bug, not a user error).
     """
     err = stderr if stderr is not None else sys.stderr
     try:
         code = fn(list(sys.argv[1:] if argv is None else argv))
+    except RunFailed as exc:
+        print(format_error(exc), file=err, flush=True)
+        return EXIT_RUN_FAILED
     except UserError as exc:
         print(format_error(exc), file=err, flush=True)
         return EXIT_USAGE
@@ -61,9 +71,10 @@ def run_cli(
             raise
         print(format_error(exc), file=err, flush=True)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("opdkit: interrupted", file=err, flush=True)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", None)
+        print(getattr(exc, "message", None) or "opdkit: interrupted", file=err, flush=True)
+        return EXIT_INTERRUPTED if signum is None else 128 + int(signum)
     return 0 if code is None else int(code)
 
 

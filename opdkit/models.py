@@ -140,6 +140,7 @@ def _load_gguf(path: Path, *, dtype, trust_remote_code: bool, gguf_cache_dir, to
     except (ValueError, OSError, KeyError) as exc:
         raise UserError(f"cannot load GGUF file {path}: {exc}; fix: give a GGUF of a supported architecture") from exc
     _strip_quantizer(model)
+    check_finite(model, str(path))
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".tmp-", dir=cache.parent))
@@ -223,9 +224,19 @@ def load_causal_lm(
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True
     )
+    check_finite(model, str(path))
     if tokenizer is None:
         tokenizer = _load_tokenizer(path, trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+def check_finite(model, where: str) -> None:
+    """UserError naming the first parameter of `model` that holds NaN or inf (weights loaded from `where`):
+    training from, or distilling towards, non-finite weights only spreads NaN."""
+    for name, t in model.named_parameters():
+        if t.is_floating_point() and t.numel() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            raise UserError(f"model {where}: weight {name} holds NaN/inf; fix: use a model with finite weights "
+                            "(an earlier checkpoint)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,13 @@
 """Atomic training checkpoints and atomic HF model directories.
 
-Layout: `run_dir/checkpoints/step_000123/` with `model.safetensors`, `optimizer.pt`, `scheduler.pt`, `rng.pt` and
-`state.json`. Every directory is written under a hidden temp name (`.tmp-...`) inside `checkpoints/` and renamed
-into place only once complete, so a crash mid-write never leaves a directory that looks like a checkpoint; temp dirs
-are ignored by `latest_checkpoint` and removed by the next save.
+Layout: `run_dir/checkpoints/step_000123/` with `model.safetensors`, `optimizer.pt`, `scheduler.pt`, `rng.pt`,
+`state.json`, any sidecar files (the model's config.json and tokenizer, so `opdkit eval <checkpoint>` works) and,
+written last, `manifest.json` (the step, and every file's size and SHA-256). Every directory is written under a
+hidden temp name (`.tmp-...`) inside `checkpoints/` and renamed into place only once complete, so a crash mid-write
+never leaves a directory that looks like a checkpoint; temp dirs are ignored by `latest_checkpoint` and removed by
+the next save. `verify_checkpoint` re-checks the manifest (flipped bytes, a truncated file, an edited step), and
+loading refuses non-finite weights; `latest_checkpoint(verify=True)` skips a checkpoint that fails, with a notice,
+and resumes from the previous good one. Non-finite weights are never saved.
 
 Tied / shared tensors (e.g. `lm_head.weight` tied to `model.embed_tokens.weight` with `tie_word_embeddings`) are
 stored once: the alias names are recorded in the safetensors metadata and filled in again on load, so the model is
@@ -12,6 +16,7 @@ loaded with every key present; keys the model ties but the file lacks are accept
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
@@ -23,14 +28,14 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from opdkit.errors import UserError, one_line
+from opdkit.errors import RunFailed, UserError, one_line
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -38,6 +43,7 @@ STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
+MANIFEST_FILE = "manifest.json"
 TMP_PREFIX = ".tmp-"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _ALIASES_KEY = "opdkit_aliases"
@@ -109,10 +115,66 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the highest step, or None."""
-    found = list_checkpoints(run_dir)
-    return found[-1][1] if found else None
+def latest_checkpoint(run_dir: str | os.PathLike, verify: bool = False,
+                      notice: Callable[[str], None] | None = None) -> Path | None:
+    """The complete checkpoint with the highest step, or None. With `verify`, the newest one that passes
+    `verify_checkpoint`; each one skipped is reported through `notice` (one line)."""
+    for _, path in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(path) if verify else None
+        if problem is None:
+            return path
+        if notice is not None:
+            notice(f"opdkit: skipping checkpoint {path}: {problem}; using the previous one")
+    return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(d: Path, step: int) -> dict:
+    files = {}
+    for f in sorted(d.rglob("*")):
+        if f.is_file() and f.name != MANIFEST_FILE:
+            files[f.relative_to(d).as_posix()] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    return {"format": 1, "step": int(step), "files": files}
+
+
+def verify_checkpoint(path: str | os.PathLike) -> str | None:
+    """None if the checkpoint dir is intact, else what is wrong (one line): no or unreadable manifest, a step that
+    differs between the dir name, manifest.json and state.json, a missing file, or a file whose size or SHA-256
+    differs from the manifest's."""
+    p = Path(path)
+    try:
+        man = json.loads((p / MANIFEST_FILE).read_text(encoding="utf-8"))
+        files, step = dict(man["files"]), int(man["step"])
+    except FileNotFoundError:
+        return f"no {MANIFEST_FILE} (incomplete, or written by an older opdkit)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable {MANIFEST_FILE} ({one_line(exc)[:120]})"
+    m = _STEP_RE.match(p.name)
+    if m and int(m.group(1)) != step:
+        return f"{MANIFEST_FILE} says step {step} but the directory is {p.name}"
+    for name, info in files.items():
+        f = p / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != info.get("size") or _sha256(f) != info.get("sha256"):
+            return f"{name} differs from {MANIFEST_FILE} (size or SHA-256): the file was changed or corrupted"
+    for required in (MODEL_FILE, STATE_FILE):
+        if required not in files:
+            return f"{MANIFEST_FILE} does not list {required}"
+    try:
+        state_step = json.loads((p / STATE_FILE).read_text(encoding="utf-8"))["step"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable {STATE_FILE} ({one_line(exc)[:120]})"
+    if not isinstance(state_step, int) or state_step != step:
+        return f"{STATE_FILE} says step {state_step!r} but {MANIFEST_FILE} says {step}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------- tensors
@@ -147,6 +209,14 @@ def split_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
             tensors[name] = t.contiguous()
     # a tensor moved from an accelerator is a fresh copy; one left on CPU may still be a view of a larger storage
     return tensors, aliases
+
+
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, or None."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -188,10 +258,15 @@ def save_checkpoint(
     scheduler: Any = None,
     extra: dict | None = None,
     keep_last: int | None = None,
+    sidecar: Callable[[Path], None] | None = None,
 ) -> Path:
     """Atomically write `run_dir/checkpoints/step_{step:06d}/` and return it; then keep only the newest `keep_last`
     complete checkpoints (None or <= 0 keeps all; the one just written is never deleted). `extra` must be JSON-able.
-    An existing checkpoint of the same step is replaced."""
+    `sidecar(dir)` writes further files (config.json, tokenizer) into the temp dir before the manifest. An existing
+    checkpoint of the same step is replaced. Non-finite weights -> RunFailed, nothing written."""
+    bad = first_nonfinite(model_state)
+    if bad is not None:
+        raise RunFailed(f"refusing to save a checkpoint of step {step}: weight {bad} is not finite (NaN/inf)")
     state_json = json.dumps({"step": int(step), "time": time.time(), "extra": extra or {}}, indent=1, allow_nan=True)
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -202,18 +277,20 @@ def save_checkpoint(
     try:
         tensors, aliases = split_shared(model_state)
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", _ALIASES_KEY: json.dumps(aliases)})
-        written = [tmp / MODEL_FILE]
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-            written.append(tmp / OPTIMIZER_FILE)
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-            written.append(tmp / SCHEDULER_FILE)
         torch.save(_rng_state(), tmp / RNG_FILE)
         (tmp / STATE_FILE).write_text(state_json, encoding="utf-8")
-        written += [tmp / RNG_FILE, tmp / STATE_FILE]
-        for f in written:
-            _fsync_file(f)
+        if sidecar is not None:
+            sidecar(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync_file(f)
+        # the manifest last: a checkpoint dir without it (or with files that differ from it) is never used
+        (tmp / MANIFEST_FILE).write_text(json.dumps(_manifest(tmp, step), indent=1), encoding="utf-8")
+        _fsync_file(tmp / MANIFEST_FILE)
         _fsync_dir(tmp)
         _swap_into_place(tmp, final)
     except BaseException:
@@ -258,12 +335,19 @@ def load_model_state(path: str | os.PathLike, model: torch.nn.Module) -> None:
     """
     p = Path(path)
     f = p / MODEL_FILE if p.is_dir() else p
+    if p.is_dir() and (p / MANIFEST_FILE).exists():
+        problem = verify_checkpoint(p)
+        if problem is not None:
+            raise UserError(f"checkpoint {p} is damaged: {problem}")
     try:
         with safe_open(str(f), framework="pt") as fh:
             meta = fh.metadata() or {}
         sd = load_file(str(f), device="cpu")
     except Exception as exc:  # safetensors raises several types for a corrupt file
         raise UserError(f"cannot read weights {f}: {one_line(exc)}") from None
+    bad = first_nonfinite(sd)
+    if bad is not None:
+        raise UserError(f"checkpoint {f} holds non-finite weights ({bad} has NaN/inf); fix: use an earlier checkpoint")
     for alias, source in json.loads(meta.get(_ALIASES_KEY, "{}")).items():
         sd.setdefault(alias, sd[source])
     try:
@@ -294,16 +378,33 @@ def load_checkpoint(
     returns its state.json (`{"step": ..., "time": ..., "extra": {...}}`). Not a checkpoint -> UserError."""
     p = _require_checkpoint(path)
     state = read_checkpoint_state(p)
+    if not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool) or state["step"] < 0:
+        raise UserError(f"{p / STATE_FILE}: step {state.get('step')!r} is not a non-negative integer; fix: use an "
+                        "intact checkpoint")
     load_model_state(p, model)
+
+    def read(name: str):
+        try:
+            return torch.load(p / name, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated file, a foreign or blocked pickle: several exception types
+            raise UserError(f"cannot read {p / name}: {one_line(exc)[:200]}; fix: use an intact checkpoint") from None
+
     for obj, name in ((optimizer, OPTIMIZER_FILE), (scheduler, SCHEDULER_FILE)):
         if obj is None:
             continue
         if not (p / name).is_file():
             raise UserError(f"checkpoint {p} has no {name} to restore")
-        obj.load_state_dict(torch.load(p / name, map_location="cpu", weights_only=True))
+        try:
+            obj.load_state_dict(read(name))
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise UserError(f"{p / name} does not fit this run ({one_line(exc)[:200]}); fix: resume with the "
+                            "model and optimizer settings that wrote it") from None
     if restore_rng:
         if (p / RNG_FILE).is_file():
-            _set_rng_state(torch.load(p / RNG_FILE, map_location="cpu", weights_only=True))
+            try:
+                _set_rng_state(read(RNG_FILE))
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                raise UserError(f"{p / RNG_FILE} is not an RNG state ({one_line(exc)[:200]})") from None
         else:
             warnings.warn(f"checkpoint {p} has no {RNG_FILE}; RNG state not restored", stacklevel=2)
     return state
@@ -317,6 +418,9 @@ def save_model_dir(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Pa
     `AutoModelForCausalLM.from_pretrained(out_dir)`. An existing model dir (one with config.json) is replaced; any
     other non-empty path -> UserError. A peft model must be merged (`merge_and_unload()`) by the caller first."""
     out = Path(out_dir)
+    bad = first_nonfinite(dict(model.state_dict()))
+    if bad is not None:
+        raise RunFailed(f"refusing to save {out}: weight {bad} is not finite (NaN/inf)")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
         raise UserError(f"refusing to replace {out}: it exists and is not a model directory (no config.json)")
     out.parent.mkdir(parents=True, exist_ok=True)

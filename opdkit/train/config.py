@@ -143,6 +143,9 @@ class OptimConfig:
     micro_batch_size: int = h("sequences per forward/backward (gradient accumulation over the step)", default=32)
     ppo_epochs: int = h("passes over each step's rollouts (> 1 needs objective.pg=ppo to stay on-policy-ish)",
                         default=1)
+    max_skipped_steps: int = h("a step whose loss or gradient norm is not finite is skipped (weights and optimizer "
+                               "state untouched, logged); after this many in a row the run stops with a checkpoint "
+                               "of the last finite weights (exit code 3)", default=10)
 
     def __post_init__(self) -> None:
         _range("optim", "lr", self.lr, 0.0, 1.0, lo_open=True)
@@ -154,6 +157,7 @@ class OptimConfig:
         _range("optim", "grad_clip", self.grad_clip, 0.0, math.inf, hi_open=True)
         _pos_int("optim", "micro_batch_size", self.micro_batch_size)
         _pos_int("optim", "ppo_epochs", self.ppo_epochs)
+        _pos_int("optim", "max_skipped_steps", self.max_skipped_steps)
 
 
 @dataclass

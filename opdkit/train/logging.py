@@ -313,37 +313,103 @@ class Progress:
 
 # ----------------------------------------------------------------------------------------------------------- run dirs
 
+# What opdkit itself writes into a run dir: only these entries are ever deleted by overwrite=true (and only in a dir
+# that carries opdkit's run marker). Hidden temp names of atomic writes (`.final.tmp-*`, `.config.yaml.*.tmp`) count.
+RUN_MARKER = ".opdkit_run"
+OWNED_ENTRIES = frozenset({RUN_MARKER, CONFIG_FILE, METRICS_FILE, METRICS_FILE + ".tmp", TB_DIR, "checkpoints", "final",
+                           "plots", "tokenizer", "eval.json"})
+
+
+def _is_owned(name: str) -> bool:
+    return name in OWNED_ENTRIES or (name.startswith(".") and ".tmp" in name)
+
 
 def read_run_hash(run_dir: str | os.PathLike) -> str | None:
     """The config hash recorded in `run_dir/config.yaml` (its `# opdkit config_hash: ...` header), or None."""
     p = Path(run_dir) / CONFIG_FILE
     if not p.is_file():
         return None
-    with open(p, encoding="utf-8") as fh:
-        for line in fh:
-            if not line.startswith("#"):
-                break
-            text = line.lstrip("#").strip()
-            if text.startswith(_HASH_TAG):
-                return text[len(_HASH_TAG):].strip() or None
+    try:
+        with open(p, encoding="utf-8") as fh:
+            for line in fh:
+                if not line.startswith("#"):
+                    break
+                text = line.lstrip("#").strip()
+                if text.startswith(_HASH_TAG):
+                    return text[len(_HASH_TAG):].strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
     return None
+
+
+def is_run_dir(run_dir: str | os.PathLike) -> bool:
+    """Whether `run_dir` carries opdkit's own run marker: the marker file, or a config.yaml with opdkit's hash
+    header (run dirs written before the marker existed)."""
+    p = Path(run_dir)
+    return (p / RUN_MARKER).is_file() or read_run_hash(p) is not None
 
 
 def write_run_config(run_dir: str | os.PathLike, config: Any, config_hash: str) -> Path:
     """Write the resolved config to `run_dir/config.yaml` with its hash in the header (read by prepare_run_dir)."""
-    header = f"{_HASH_TAG} {config_hash}\nresolved config written by opdkit; `opdkit train --config` accepts it"
+    header = (f"{_HASH_TAG} {config_hash}\nresolved config written by opdkit; rerun it with "
+              f"`opdkit <command> {Path(run_dir) / CONFIG_FILE}`")
     return dump_config(config, Path(run_dir) / CONFIG_FILE, header=header)
 
 
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, Mapping):
+        return {prefix[:-1]: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_differences(run_dir: str | os.PathLike, config: Any, exclude: Sequence[str] = ()) -> list[str]:
+    """`key: saved -> now` for each knob whose value differs between `run_dir/config.yaml` and `config` (the knobs
+    in `exclude` and keys missing on either side are compared too, except the excluded ones)."""
+    import yaml
+
+    from opdkit.config import config_to_dict
+
+    try:
+        saved = yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    old, new = _flat(saved), _flat(json.loads(json.dumps(config_to_dict(config), default=str)))
+    skip = set(exclude)
+    return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in sorted(set(old) | set(new))
+            if k not in skip and old.get(k) != new.get(k)]
+
+
+def _foreign_entries(p: Path) -> list[str]:
+    return sorted(e.name for e in p.iterdir() if not _is_owned(e.name))
+
+
+def _clear_run(p: Path) -> None:
+    """Delete what opdkit wrote into run dir `p` (the caller checked that nothing else is there)."""
+    for e in p.iterdir():
+        if not _is_owned(e.name):  # appeared since the check: never deleted
+            continue
+        if e.is_dir() and not e.is_symlink():
+            shutil.rmtree(e)
+        else:
+            e.unlink()
+
+
 def prepare_run_dir(
-    path: str | os.PathLike, config_hash: str, resume: bool = False, overwrite: bool = False, config: Any = None
+    path: str | os.PathLike, config_hash: str, resume: bool = False, overwrite: bool = False, config: Any = None,
+    exclude: Sequence[str] = (),
 ) -> Path:
     """Check that `path` may hold this run, then create it (and write `config` with its hash, when given).
 
     - missing or empty: fine (a fresh run; with resume=true too).
-    - holds a run (config.yaml) with another hash: UserError unless overwrite (resume needs the same config).
+    - holds an opdkit run (the `.opdkit_run` marker, or a config.yaml with opdkit's hash header) with another
+      hash: UserError naming the knobs that differ (`exclude`: knobs a resumption may change), unless overwrite.
     - holds this run: resume continues it; overwrite replaces it; neither -> UserError (it would be clobbered).
-    - not empty and no config.yaml: UserError (never deleted, even with overwrite).
+    - overwrite deletes only what opdkit writes into a run dir (config.yaml, metrics.jsonl, tb/, checkpoints/,
+      final/, plots/, ...); a run dir that also holds anything else is refused, naming the file.
+    - not empty and no marker: UserError (never deleted, even with overwrite).
     Nothing is written or deleted before the checks pass.
     """
     p = Path(path)
@@ -351,20 +417,31 @@ def prepare_run_dir(
         raise UserError("resume=true and overwrite=true exclude each other: pick one")
     if p.exists() and not p.is_dir():
         raise UserError(f"run_dir {p} exists and is not a directory")
-    if p.is_dir() and any(p.iterdir()):
-        old = read_run_hash(p)
-        holds_run = (p / CONFIG_FILE).is_file()
-        if not holds_run:
+    try:  # a dir holding only opdkit's marker holds nothing of value yet
+        nonempty = p.is_dir() and any(e.name != RUN_MARKER for e in p.iterdir())
+    except OSError as exc:
+        raise UserError(f"run_dir {p} cannot be read ({exc.strerror or exc}); choose another run_dir") from None
+    if nonempty:
+        if not is_run_dir(p):
+            why = (f"{CONFIG_FILE} has no opdkit header" if (p / CONFIG_FILE).exists() else f"no {RUN_MARKER} marker")
             raise UserError(
-                f"run dir {p} is not empty and holds no opdkit run (no {CONFIG_FILE}); choose another run_dir"
+                f"run dir {p} is not empty and holds no opdkit run ({why}); choose another run_dir"
                 + (" (overwrite=true only replaces an opdkit run dir)" if overwrite else "")
             )
+        old = read_run_hash(p)
         if overwrite:
-            shutil.rmtree(p)
+            foreign = _foreign_entries(p)
+            if foreign:
+                raise UserError(f"refusing to overwrite run dir {p}: {p / foreign[0]} was not written by opdkit"
+                                + (f" (+{len(foreign) - 1} more)" if len(foreign) > 1 else "")
+                                + "; move it away or choose another run_dir")
+            _clear_run(p)
         elif old != config_hash:
+            diff = config_differences(p, config, exclude) if config is not None else []
+            what = (f" ({'; '.join(diff[:3])}{f' (+{len(diff) - 3} more)' if len(diff) > 3 else ''})" if diff
+                    else f" (config hash {old or 'unknown'}, this config {config_hash})")
             raise UserError(
-                f"run dir {p} already holds a different run (config hash {old or 'unknown'}, this config "
-                f"{config_hash}); "
+                f"run dir {p} already holds a different run{what}; "
                 + ("resume=true continues a run only with the same config: restore it, pass overwrite=true to "
                    "replace the run, or choose another run_dir" if resume else
                    "pass resume=true to continue it (with its config), overwrite=true to replace it, or choose "
@@ -375,7 +452,11 @@ def prepare_run_dir(
                 f"run dir {p} already holds this run; pass resume=true to continue it, overwrite=true to replace it, "
                 "or choose another run_dir"
             )
-    p.mkdir(parents=True, exist_ok=True)
-    if config is not None:
-        write_run_config(p, config, config_hash)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        (p / RUN_MARKER).write_text(json.dumps({"config_hash": config_hash}) + "\n", encoding="utf-8")
+        if config is not None:
+            write_run_config(p, config, config_hash)
+    except OSError as exc:
+        raise UserError(f"cannot write run dir {p}: {exc.strerror or exc}; choose a writable run_dir") from None
     return p

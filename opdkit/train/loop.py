@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from opdkit.config import config_hash, help_text, load_config
 from opdkit.diagnostics import FailureDetector
 from opdkit.data.prompts import PromptRecord, encode_prompts, prompt_to_ids, teacher_prompt_text
-from opdkit.errors import UserError, run_cli
+from opdkit.errors import RunFailed, UserError, run_cli
 from opdkit.objectives import SampledSignal, compute_advantages, opd_per_token_loss
 from opdkit.objectives.loss import aggregate, divergence_of, token_stats
 from opdkit.objectives.sampled import token_rewards
@@ -40,9 +43,11 @@ from opdkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_che
 from opdkit.train.config import TrainConfig
 from opdkit.report.plots import plot_run, reward_histogram
 from opdkit.train.logging import MetricsLogger, Progress, prepare_run_dir, read_metrics
+from opdkit.train.signals import GracefulStop
 
 # Knobs that may change between a run and its resumption without making it a different run.
-RESUMABLE_KNOBS = ("resume", "overwrite", "steps", "progress", "threads", "save_every", "keep_last", "eval_every")
+RESUMABLE_KNOBS = ("resume", "overwrite", "steps", "progress", "threads", "save_every", "keep_last", "eval_every",
+                   "run_dir", "optim.max_skipped_steps")
 
 
 @dataclass
@@ -172,10 +177,21 @@ def update(cfg: TrainConfig, m: Models, opt, sched, batch: RolloutBatch, signal,
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         gn = torch.nn.utils.clip_grad_norm_([p for p in m.student.parameters() if p.requires_grad], clip)
         grad_norms.append(float(gn))
-        opt.step()
         if epoch == 0:
             metrics["loss"] = loss_total
-    sched.step()
+        if not (math.isfinite(loss_total) and math.isfinite(float(gn))):
+            # A non-finite loss or gradient norm would write NaN into the weights (or, clipped, make the update a
+            # silent no-op): skip the optimizer step, leaving weights and AdamW state untouched (the caller logs it,
+            # counts consecutive skips and stops the run after optim.max_skipped_steps).
+            opt.zero_grad(set_to_none=True)
+            metrics["skipped"] = 1.0
+            metrics["skipped_loss"], metrics["skipped_grad_norm"] = loss_total, float(gn)
+            break
+        opt.step()
+    metrics.setdefault("skipped", 0.0)
+    with warnings.catch_warnings():  # a skipped first step: torch warns that the schedule stepped before AdamW
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        sched.step()
     m.student.eval()
     if adv_BT is None:  # dense estimators: the "reward" is minus the per-token divergence
         metrics.update(token_stats("reward", reward_BT, mask_BT, by_position=True))
@@ -239,30 +255,47 @@ def train(cfg: TrainConfig) -> dict:
     eos, pad, masked = _special_ids(student, tok, cfg.rollout.masked_tokens)
     m = Models(student, tok, teacher, is_self, eos, pad, masked)
     chash = config_hash(cfg, exclude=RESUMABLE_KNOBS)
-    run_dir = prepare_run_dir(cfg.run_dir, chash, resume=cfg.resume, overwrite=cfg.overwrite, config=cfg)
+    run_dir = prepare_run_dir(cfg.run_dir, chash, resume=cfg.resume, overwrite=cfg.overwrite, config=cfg,
+                              exclude=RESUMABLE_KNOBS)
 
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                             weight_decay=cfg.optim.weight_decay)
     sched = _scheduler(opt, cfg)
-    start = 0
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+    say = _printer(cfg)
+    start, extra = 0, {}
+    ckpt = latest_checkpoint(run_dir, verify=True, notice=say) if cfg.resume else None
     if ckpt is not None:
-        start = int(load_checkpoint(ckpt, student, opt, sched)["step"])
-    logger = MetricsLogger(run_dir, resume_step=start)
+        state = load_checkpoint(ckpt, student, opt, sched)
+        start, extra = state["step"], state.get("extra", {})
+    # A resumed run continues its counters (teacher compute is compared at equal budgets by `opdkit compare`).
+    teacher_tokens = int(extra.get("teacher_tokens", 0))
+    skipped_streak, skipped_total = int(extra.get("skipped_streak", 0)), int(extra.get("skipped_total", 0))
+    # metrics.jsonl keeps the records up to the checkpoint's step (a fresh start keeps none): every step once.
+    logger = MetricsLogger(run_dir, resume_step=start if ckpt is not None else -1)
     detector = FailureDetector.for_run(cfg)  # known OPD failure modes, one log line each (docs/diagnostics.md)
     if start:
         detector.replay(read_metrics(run_dir))
     sampler = SAMPLERS[cfg.rollout.sampler]
-    teacher_tokens = 0
     summary: dict = {"run_dir": str(run_dir), "start_step": start,
                      "teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch.")}
+
+    def checkpoint(done: int) -> Path:
+        sidecar = None
+        if cfg.model.lora_r == 0:  # config + tokenizer beside the weights: `opdkit eval <checkpoint>` works
+            def sidecar(d: Path) -> None:
+                student.config.save_pretrained(d)
+                tok.save_pretrained(d)
+        return save_checkpoint(run_dir, done, student.state_dict(), opt, sched, keep_last=cfg.keep_last,
+                               sidecar=sidecar, extra={"teacher_tokens": teacher_tokens, "skipped_total":
+                                                       skipped_total, "skipped_streak": skipped_streak})
 
     if start == 0:
         summary["initial"] = evaluate_greedy(m, source, cfg)
         detector.update(0, summary["initial"])
         logger.log(0, summary["initial"])
-    with Progress(cfg.steps, enabled=cfg.progress, start_step=start, description="opd") as progress:
+    with Progress(cfg.steps, enabled=cfg.progress, start_step=start, description="opd") as progress, \
+            GracefulStop() as stop:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             rng = random.Random(_step_seed(cfg.seed, step))
@@ -295,6 +328,14 @@ def train(cfg: TrainConfig) -> dict:
             # 3-4. objective and update
             metrics = update(cfg, m, opt, sched, batch, signal, task_rewards)
             t3 = time.perf_counter()
+            done = step + 1
+            if metrics["skipped"]:
+                skipped_streak, skipped_total = skipped_streak + 1, skipped_total + 1
+                say(f"opdkit: step {done}: non-finite loss {metrics['skipped_loss']:.4g} / gradient norm "
+                    f"{metrics['skipped_grad_norm']:.4g}: optimizer step skipped, weights unchanged "
+                    f"({skipped_streak} in a row; the run stops at {cfg.optim.max_skipped_steps})")
+            else:
+                skipped_streak = 0
             n_gen = int(batch.eos_mask_BT.sum())
             metrics.update({
                 "train/accuracy": rewards_B.mean().item(), "on_policy": float(on_policy),
@@ -302,35 +343,55 @@ def train(cfg: TrainConfig) -> dict:
                 "response_length/max": int(batch.response_lengths_B.max()),
                 "finished_frac": batch.finished_B.double().mean().item(),
                 "prompts_too_long": report["n_too_long"], "teacher_tokens": teacher_tokens,
+                "skipped_total": skipped_total,
                 "lr": sched.get_last_lr()[0], "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
                 "tokens_per_s/generate": n_gen / max(t1 - t0, 1e-9), "tokens_per_s/score": n_gen / max(t2 - t1, 1e-9),
                 "tokens_per_s/update": n_gen * cfg.optim.ppo_epochs / max(t3 - t2, 1e-9),
             })
-            done = step + 1
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+            # The held-out eval of this step goes into this step's record (the last step's is the final eval).
+            if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
                 metrics.update(evaluate_greedy(m, source, cfg))
+                if done == cfg.steps:
+                    summary["final"] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
             metrics["time/step"] = time.perf_counter() - t0
-            warnings = detector.update(done, metrics)
-            metrics["warnings"] = [w.to_dict() for w in warnings]
-            for w in warnings:
+            found = detector.update(done, metrics)
+            metrics["warnings"] = [w.to_dict() for w in found]
+            for w in found:
                 progress.print(w.line())
             logger.log(done, metrics)
             progress.update(done, {"loss": metrics["loss"], "acc": metrics["train/accuracy"],
                                    "reward": metrics.get("reward/mean", 0.0), "gnorm": metrics["grad_norm"]})
-            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-                ckpt = save_checkpoint(run_dir, done, student.state_dict(), opt, sched,
-                                       extra={"teacher_tokens": teacher_tokens}, keep_last=cfg.keep_last)
-                if cfg.model.lora_r == 0:  # config + tokenizer beside the weights: `opdkit eval <checkpoint>` works
-                    student.config.save_pretrained(ckpt)
-                    tok.save_pretrained(ckpt)
-    summary["final"] = evaluate_greedy(m, source, cfg)
-    logger.log(cfg.steps, summary["final"])
+            diverged = skipped_streak >= cfg.optim.max_skipped_steps
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or diverged or stop.requested:
+                ckpt = checkpoint(done)
+            if diverged:
+                logger.close()
+                raise RunFailed(
+                    f"{skipped_streak} consecutive steps had a non-finite loss or gradient norm (last: loss "
+                    f"{metrics['skipped_loss']:.4g}, gradient norm {metrics['skipped_grad_norm']:.4g}); stopped at "
+                    f"step {done} with a checkpoint of the last finite weights ({ckpt}); fix: lower optim.lr, set "
+                    "optim.grad_clip > 0 or change the objective's extreme knobs, then resume=true")
+            if stop.requested and done < cfg.steps:
+                logger.close()
+                raise stop.interrupted(f"opdkit: stopped after step {done}; checkpoint {ckpt}; continue with the "
+                                       "same command plus resume=true")
+    if "final" not in summary:  # a rerun of a finished run: evaluate for the summary, log nothing new
+        summary["final"] = evaluate_greedy(m, source, cfg)
     logger.close()
-    final = student.merge_and_unload() if cfg.model.lora_r > 0 else student
-    save_model_dir(final, tok, run_dir / "final")
+    if start < cfg.steps or not (run_dir / "final").is_dir():
+        final = student.merge_and_unload() if cfg.model.lora_r > 0 else student
+        save_model_dir(final, tok, run_dir / "final")
     summary["plots"] = [str(p) for p in plot_run(run_dir)]
     summary["warnings"] = [w.line() for w in detector.history]
+    summary["skipped_steps"] = skipped_total
     return summary
+
+
+def _printer(cfg: TrainConfig):
+    """A line for the user that is printed even without a progress bar (to stderr then)."""
+    def say(line: str) -> None:
+        print(line, file=sys.stdout if cfg.progress else sys.stderr, flush=True)
+    return say
 
 
 def print_summary(summary: dict) -> None:

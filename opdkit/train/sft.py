@@ -16,7 +16,9 @@ the weights, so `opdkit eval model=<checkpoint>` works), final/ (a standard HF m
 from __future__ import annotations
 
 import math
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +26,7 @@ from typing import Sequence
 import torch
 
 from opdkit.config import config_hash, h, help_text, load_config
-from opdkit.errors import UserError, one_line, run_cli
+from opdkit.errors import RunFailed, UserError, one_line, run_cli
 
 
 def _pos_int(section: str, name: str, value, allow_zero: bool = False) -> None:
@@ -130,6 +132,8 @@ class SFTOptimConfig:
     min_lr_ratio: float = h("cosine: final learning rate / lr", default=0.0)
     grad_clip: float = h("clip the gradient norm to this (0 = off)", default=1.0)
     micro_batch_size: int = h("sequences per forward/backward (gradient accumulation; same result)", default=32)
+    max_skipped_steps: int = h("steps with a non-finite loss or gradient norm are skipped; after this many in a "
+                               "row the run stops with a checkpoint (exit code 3)", default=10)
 
     def __post_init__(self) -> None:
         _range("optim", "lr", self.lr, 0.0, 1.0, lo_open=True)
@@ -142,6 +146,7 @@ class SFTOptimConfig:
         _range("optim", "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         _range("optim", "grad_clip", self.grad_clip, 0.0, math.inf, hi_open=True)
         _pos_int("optim", "micro_batch_size", self.micro_batch_size)
+        _pos_int("optim", "max_skipped_steps", self.max_skipped_steps)
 
 
 @dataclass
@@ -182,8 +187,8 @@ class SFTConfig:
             raise ValueError("sft.resume=true and overwrite=true exclude each other: pick one")
 
 
-HASH_EXCLUDE = ("resume", "overwrite", "steps", "max_seconds", "max_teacher_tokens", "threads", "progress", "save_every", "keep_last",
-                "eval_every")
+HASH_EXCLUDE = ("resume", "overwrite", "steps", "max_seconds", "max_teacher_tokens", "threads", "progress", "save_every",
+                "keep_last", "eval_every", "run_dir", "optim.max_skipped_steps")
 
 
 # ----------------------------------------------------------------------------------------------------------- setup
@@ -353,10 +358,15 @@ def _write_sidecar(setup: _Setup, ckpt: Path) -> None:
 
 def run_sft(cfg: SFTConfig) -> dict:
     """Train per `cfg`; returns {"steps", "final_dir", "run_dir", "loss", "teacher_tokens", "train_seconds",
-    "eval": {...final eval...}, "history": [eval records]}. Bad input -> UserError before anything is written."""
+    "eval": {...final eval...}, "history": [eval records]}. Bad input -> UserError before anything is written.
+
+    Same guarantees as `opdkit train`: a step with a non-finite loss or gradient norm is skipped and logged
+    (sft.max_skipped_steps in a row stop the run with a checkpoint, exit 3); SIGINT/SIGTERM stop after the step
+    with a checkpoint; every step appears once in metrics.jsonl (its eval, if any, in the same record)."""
     from opdkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_dir
     from opdkit.train.logging import MetricsLogger, Progress, prepare_run_dir
     from opdkit.train.sft_data import StepData
+    from opdkit.train.signals import GracefulStop
 
     torch.set_num_threads(cfg.threads)
     setup = _setup(cfg)
@@ -365,14 +375,15 @@ def run_sft(cfg: SFTConfig) -> dict:
                             weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.optim, cfg.steps))
     run_dir = prepare_run_dir(cfg.run_dir, config_hash(cfg, HASH_EXCLUDE), resume=cfg.resume,
-                              overwrite=cfg.overwrite, config=cfg)
-    start, teacher_tokens, train_seconds, history = 0, 0, 0.0, []
-    ck = latest_checkpoint(run_dir) if cfg.resume else None
+                              overwrite=cfg.overwrite, config=cfg, exclude=HASH_EXCLUDE)
+    say = (lambda line: print(line, file=sys.stdout if cfg.progress else sys.stderr, flush=True))  # noqa: E731
+    start, extra, history = 0, {}, []
+    ck = latest_checkpoint(run_dir, verify=True, notice=say) if cfg.resume else None
     if ck is not None:
         state = load_checkpoint(ck, model, opt, sched)
-        start = int(state["step"])
-        extra = state.get("extra", {})
-        teacher_tokens, train_seconds = int(extra.get("teacher_tokens", 0)), float(extra.get("train_seconds", 0.0))
+        start, extra = state["step"], state.get("extra", {})
+    teacher_tokens, train_seconds = int(extra.get("teacher_tokens", 0)), float(extra.get("train_seconds", 0.0))
+    skipped_streak, skipped_total = int(extra.get("skipped_streak", 0)), int(extra.get("skipped_total", 0))
     if setup.tokenizer_is_char:
         tok.save_pretrained(str(run_dir / "tokenizer"))
     data = StepData(tokenizer=tok, batch_size=cfg.data.batch_size, seed=cfg.seed, task=setup.task,
@@ -381,70 +392,100 @@ def run_sft(cfg: SFTConfig) -> dict:
                     sample_top_p=cfg.data.sample_top_p, max_new_tokens=setup.max_new_tokens)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     n_params = sum(p.numel() for p in model.parameters())
-    logger = MetricsLogger(run_dir, resume_step=start if ck is not None else None)
+    logger = MetricsLogger(run_dir, resume_step=start if ck is not None else -1)
     progress = Progress(cfg.steps, enabled=cfg.progress, start_step=start, description="sft",
                         keys=("loss", "eval/accuracy", "teacher_tokens", "lr"))
     progress.start()
     progress.print(f"sft: {n_params:,} params, steps {start}->{cfg.steps}, run_dir {run_dir}")
 
-    def checkpoint(step: int) -> None:
-        p = save_checkpoint(run_dir, step, model.state_dict(), opt, sched, keep_last=cfg.keep_last,
-                            extra={"teacher_tokens": teacher_tokens, "train_seconds": train_seconds})
-        _write_sidecar(setup, p)
+    def checkpoint(step: int) -> Path:
+        return save_checkpoint(run_dir, step, model.state_dict(), opt, sched, keep_last=cfg.keep_last,
+                               sidecar=lambda d: _write_sidecar(setup, d),
+                               extra={"teacher_tokens": teacher_tokens, "train_seconds": train_seconds,
+                                      "skipped_streak": skipped_streak, "skipped_total": skipped_total})
 
-    def log_eval(step: int) -> dict:
+    def with_eval(step: int, rec: dict) -> dict:
         ev = _eval(setup, cfg)
         if ev:
-            rec = {**ev, "teacher_tokens": teacher_tokens, "train_seconds": train_seconds}
-            logger.log(step, rec)
+            rec = {**rec, **ev, "teacher_tokens": teacher_tokens, "train_seconds": train_seconds}
             history.append({"step": step, **rec})
             progress.print(f"step {step}: held-out accuracy {ev['eval/accuracy']:.3f} "
                            f"(teacher_tokens {teacher_tokens}, {train_seconds:.0f}s)")
-        return ev
+        return rec
 
     last_loss, step, final_eval = math.nan, start, {}
     try:
-        if start == 0:
-            log_eval(0)
-        def budget_left() -> bool:
-            # Checked before each step: the last step may overshoot max_teacher_tokens by at most one batch.
-            return not ((cfg.max_seconds and train_seconds >= cfg.max_seconds)
-                        or (cfg.max_teacher_tokens and teacher_tokens >= cfg.max_teacher_tokens))
+        with GracefulStop() as stop:
+            if start == 0:
+                rec0 = with_eval(0, {})
+                if rec0:
+                    logger.log(0, rec0)
 
-        while step < cfg.steps and budget_left():
-            t0 = time.monotonic()
-            seqs, info = data.batch(step)
-            opt.zero_grad(set_to_none=True)
-            loss, n_tok = _train_step(model, seqs, pad_id, cfg.optim.micro_batch_size)
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-            lr = sched.get_last_lr()[0]
-            opt.step()
-            sched.step()
-            step += 1
-            teacher_tokens += info["teacher_tokens"]
-            dt = time.monotonic() - t0
-            train_seconds += dt
-            last_loss = loss
-            rec = {"loss": loss, "lr": lr, "grad_norm": float(gn), "tokens": n_tok, "teacher_tokens": teacher_tokens,
-                   "perturbed": info["perturbed"], "step_seconds": dt, "train_seconds": train_seconds}
-            if "teacher_finished" in info:
-                rec["teacher_finished"] = info["teacher_finished"]
-            logger.log(step, rec)
-            progress.update(step, rec)
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            def budget_left() -> bool:
+                # Checked before each step: the last step may overshoot max_teacher_tokens by at most one batch.
+                return not ((cfg.max_seconds and train_seconds >= cfg.max_seconds)
+                            or (cfg.max_teacher_tokens and teacher_tokens >= cfg.max_teacher_tokens))
+
+            while step < cfg.steps and budget_left():
+                t0 = time.monotonic()
+                seqs, info = data.batch(step)
+                opt.zero_grad(set_to_none=True)
+                loss, n_tok = _train_step(model, seqs, pad_id, cfg.optim.micro_batch_size)
+                gn = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf))
+                lr = sched.get_last_lr()[0]
+                skipped = n_tok > 0 and not (math.isfinite(loss) and math.isfinite(gn))
+                if skipped:  # never write NaN into the weights: skip the step, state untouched (see opdkit train)
+                    opt.zero_grad(set_to_none=True)
+                    skipped_streak, skipped_total = skipped_streak + 1, skipped_total + 1
+                    say(f"opdkit: sft step {step + 1}: non-finite loss {loss:.4g} / gradient norm {gn:.4g}: "
+                        f"optimizer step skipped ({skipped_streak} in a row; the run stops at "
+                        f"{cfg.optim.max_skipped_steps})")
+                else:
+                    opt.step()
+                    skipped_streak = 0
+                with warnings.catch_warnings():  # a skipped first step: the schedule steps before AdamW did
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                    sched.step()
+                step += 1
+                teacher_tokens += info["teacher_tokens"]
+                dt = time.monotonic() - t0
+                train_seconds += dt
+                last_loss = loss
+                rec = {"loss": loss, "lr": lr, "grad_norm": gn, "tokens": n_tok, "teacher_tokens": teacher_tokens,
+                       "perturbed": info["perturbed"], "step_seconds": dt, "train_seconds": train_seconds,
+                       "skipped": float(skipped), "skipped_total": skipped_total}
+                if "teacher_finished" in info:
+                    rec["teacher_finished"] = info["teacher_finished"]
+                last = step >= cfg.steps or not budget_left()
+                if last or (cfg.eval_every and step % cfg.eval_every == 0):
+                    rec = with_eval(step, rec)
+                    if last:
+                        final_eval = {k: v for k, v in rec.items() if k.startswith("eval/")}
+                logger.log(step, rec)
+                progress.update(step, rec)
+                diverged = skipped_streak >= cfg.optim.max_skipped_steps
+                if last or diverged or stop.requested or (cfg.save_every and step % cfg.save_every == 0):
+                    ckpt = checkpoint(step)
+                if diverged:
+                    raise RunFailed(f"{skipped_streak} consecutive sft steps had a non-finite loss or gradient "
+                                    f"norm; stopped at step {step} with a checkpoint of the last finite weights "
+                                    f"({ckpt}); fix: lower optim.lr or set optim.grad_clip > 0, then resume=true")
+                if stop.requested and not last:
+                    raise stop.interrupted(f"opdkit: sft stopped after step {step}; checkpoint {ckpt}; continue "
+                                           "with the same command plus resume=true")
+            if step == start and (ck is None or not (run_dir / "final").is_dir()):
+                # nothing trained in this invocation (a budget already spent, or steps reached): checkpoint once
                 checkpoint(step)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                log_eval(step)
-        if ck is None or step > start or not (run_dir / "final").is_dir():
-            checkpoint(step)
-            final_eval = log_eval(step)
-            save_model_dir(model, tok, run_dir / "final")
+                rec = with_eval(step, {})
+                final_eval = {k: v for k, v in rec.items() if k.startswith("eval/")}
+            if step > start or not (run_dir / "final").is_dir():
+                save_model_dir(model, tok, run_dir / "final")
     finally:
         progress.close()
         logger.close()
     return {"run_dir": str(run_dir), "final_dir": str(run_dir / "final"), "steps": step, "loss": last_loss,
             "teacher_tokens": teacher_tokens, "train_seconds": train_seconds, "params": n_params,
-            "eval": final_eval, "history": history}
+            "eval": final_eval, "history": history, "skipped_steps": skipped_total}
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI

@@ -61,7 +61,7 @@ def test_exact_resume(tmp_path: Path) -> None:
     train(model, opt, sched, 2)
     ck = save_checkpoint(tmp_path, 2, model.state_dict(), opt, sched, extra={"tokens": 24}, keep_last=3)
     assert ck.name == "step_000002"
-    files = {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"}
+    files = {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json", "manifest.json"}
     assert {p.name for p in ck.iterdir()} == files
     train(model, opt, sched, 4)
     expected = weights(model)

@@ -122,7 +122,7 @@ def test_run_dir_rules(tmp_path: Path) -> None:
     assert (sorted(p.name for p in run.iterdir()), (run / "config.yaml").read_text()) == before
     # overwrite replaces it
     prepare_run_dir(run, other, overwrite=True)
-    assert run.is_dir() and not any(run.iterdir())
+    assert run.is_dir() and [p.name for p in run.iterdir()] == [".opdkit_run"]
     with pytest.raises(UserError, match="exclude each other"):
         prepare_run_dir(run, other, resume=True, overwrite=True)
     # an empty existing dir is fine; a non-empty non-run dir is never deleted
