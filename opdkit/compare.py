@@ -171,7 +171,7 @@ def _train_cmd(cfg: CompareConfig, base: list[str], m: Method, seed: int, run_di
 
 
 def _teacher_tokens(run_dir: Path) -> int:
-    from opdkit.train.logging import read_metrics
+    from opdkit.metrics_log import read_metrics
 
     rows = [r for r in read_metrics(run_dir) if "teacher_tokens" in r]
     return int(rows[-1]["teacher_tokens"]) if rows else 0
@@ -185,7 +185,7 @@ def _sft_cmd(cfg: CompareConfig, m: Method, seed: int, run_dir: Path, budget: in
     if task is None:
         raise UserError("compare: the sft baseline needs a built-in task (data.prompts=task:...)")
     return [sys.executable, "-m", "opdkit.cli", "sft", f"model.init={train_cfg.model.student}",
-            f"data.samples_from={train_cfg.model.teacher}", f"data.task={task}",
+            f"data.samples_from={train_cfg.teacher.model}", f"data.task={task}",
             f"data.batch_size={train_cfg.rollout.prompts_per_step * train_cfg.rollout.n_samples}",
             f"data.max_new_tokens={train_cfg.rollout.max_new_tokens}", f"optim.lr={train_cfg.optim.lr}",
             f"max_teacher_tokens={budget}", "steps=100000", f"seed={seed}", f"run_dir={run_dir}",
@@ -248,7 +248,7 @@ def _evaluate_run(cfg: CompareConfig, model_dir: str, ref_cfg, cache: Path, seed
 
 
 def evaluate_grid(cfg: CompareConfig, out: Path, methods: list[Method], seeds: int, ref_cfg) -> dict:
-    from opdkit.train.logging import read_metrics
+    from opdkit.metrics_log import read_metrics
 
     results: dict = {}
     jobs = []

@@ -239,6 +239,18 @@ def check_finite(model, where: str) -> None:
                             "(an earlier checkpoint)")
 
 
+def accepts_kwarg(model, name: str) -> bool:
+    """Whether `model.forward` (of the base model, for a peft wrapper) takes keyword `name` (e.g. logits_to_keep)."""
+    import inspect
+
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(m.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # compatibility
 

@@ -34,7 +34,7 @@ def test_tiny_grid_end_to_end(tmp_path):
     assert {r["method"] for r in rows} == {"vanilla", "full_rkl", "sft_teacher_samples", "sft_init"}
     assert len(rows) == 8
     # the off-policy SFT baseline stopped at the teacher tokens its matched OPD run scored (within one batch)
-    from opdkit.train.logging import read_metrics
+    from opdkit.metrics_log import read_metrics
 
     for seed in (0, 1):
         opd = [r for r in read_metrics(out / "runs" / "vanilla" / f"seed{seed}") if "teacher_tokens" in r]

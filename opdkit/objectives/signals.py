@@ -15,6 +15,9 @@ distributions that produced that token (i.e. the caller has already shifted logi
 - `FullSignal`     kind "full":    either full teacher log-probs [B, T, V] (small V only), or the teacher's final
                                    hidden states [B, T, H] and its lm_head weight [V, H] so that log-probs are
                                    computed chunk by chunk inside the loss (peak memory O(chunk x V)).
+
+Every signal has `rows(idx)` (the rows of a batch) and `cat(parts)` (rows joined, shorter T right-padded with 0,
+the value of masked positions), so a router or a cache can split a batch between teachers and join the answers.
 """
 
 from __future__ import annotations
@@ -26,6 +29,35 @@ import torch
 SIGNAL_KINDS = ("sampled", "topk", "full")
 
 
+def _rows(x: torch.Tensor | None, idx) -> torch.Tensor | None:
+    if x is None:
+        return None
+    if not isinstance(idx, slice):
+        idx = torch.as_tensor(idx, device=x.device)
+    return x[idx]
+
+
+def _cat_padded(xs: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Concatenate [B_i, T_i, ...] tensors along B, right-padding T with zeros; None if any is None."""
+    if any(x is None for x in xs):
+        return None
+    T = max(int(x.shape[1]) for x in xs)
+    padded = []
+    for x in xs:
+        if x.shape[1] < T:
+            x = torch.cat([x, x.new_zeros((x.shape[0], T - x.shape[1], *x.shape[2:]))], dim=1)
+        padded.append(x)
+    return torch.cat(padded)
+
+
+def _check_same_kind(parts) -> None:
+    if not parts:
+        raise ValueError("cat needs at least one signal")
+    kinds = {type(p) for p in parts}
+    if len(kinds) > 1:
+        raise ValueError(f"cannot join signals of different kinds: {sorted(k.__name__ for k in kinds)}")
+
+
 @dataclass
 class SampledSignal:
     logprobs_BT: torch.Tensor
@@ -34,6 +66,14 @@ class SampledSignal:
 
     def shape_BT(self) -> tuple[int, int]:
         return tuple(self.logprobs_BT.shape[:2])  # type: ignore[return-value]
+
+    def rows(self, idx) -> SampledSignal:
+        return SampledSignal(_rows(self.logprobs_BT, idx))
+
+    @staticmethod
+    def cat(parts: list[SampledSignal]) -> SampledSignal:
+        _check_same_kind(parts)
+        return SampledSignal(_cat_padded([p.logprobs_BT for p in parts]))
 
 
 @dataclass
@@ -46,6 +86,17 @@ class TopKSignal:
 
     def shape_BT(self) -> tuple[int, int]:
         return tuple(self.logprobs_BTK.shape[:2])  # type: ignore[return-value]
+
+    def rows(self, idx) -> TopKSignal:
+        return TopKSignal(_rows(self.logprobs_BTK, idx), _rows(self.ids_BTK, idx), _rows(self.sampled_logprobs_BT, idx))
+
+    @staticmethod
+    def cat(parts: list[TopKSignal]) -> TopKSignal:
+        _check_same_kind(parts)
+        if len({int(p.ids_BTK.shape[-1]) for p in parts}) > 1:
+            raise ValueError("cannot join top-K signals of different K")
+        return TopKSignal(_cat_padded([p.logprobs_BTK for p in parts]), _cat_padded([p.ids_BTK for p in parts]),
+                          _cat_padded([p.sampled_logprobs_BT for p in parts]))
 
 
 @dataclass
@@ -82,6 +133,33 @@ class FullSignal:
             logits = torch.nn.functional.linear(h, self.head_weight_VH, self.head_bias_V)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             return torch.log_softmax(logits / self.temperature, dim=-1)
+
+    def rows(self, idx) -> FullSignal:
+        return FullSignal(_rows(self.logprobs_BTV, idx), _rows(self.hidden_BTH, idx), self.head_weight_VH,
+                          self.head_bias_V, self.temperature)
+
+    @staticmethod
+    def cat(parts: list[FullSignal]) -> FullSignal:
+        """Rows joined. Hidden-state signals of the same head (one teacher) stay hidden states; anything else (several
+        teachers' heads) is materialised as log-probs [B, T, V] (one row at a time per part)."""
+        _check_same_kind(parts)
+        if len({p.vocab_size() for p in parts}) > 1:
+            raise ValueError("cannot join full signals over different vocabularies")
+        first = parts[0]
+        same_head = all(p.logprobs_BTV is None and p.head_weight_VH is first.head_weight_VH and
+                        p.head_bias_V is first.head_bias_V and p.temperature == first.temperature for p in parts)
+        if same_head:
+            return FullSignal(hidden_BTH=_cat_padded([p.hidden_BTH for p in parts]), head_weight_VH=first.head_weight_VH,
+                              head_bias_V=first.head_bias_V, temperature=first.temperature)
+        return FullSignal(logprobs_BTV=_cat_padded([p.dense_logprobs() for p in parts]))
+
+    def dense_logprobs(self) -> torch.Tensor:
+        """Teacher log-probs [B, T, V] (materialised from hidden states when needed)."""
+        if self.logprobs_BTV is not None:
+            return self.logprobs_BTV
+        B, T = self.shape_BT()
+        b, t = torch.meshgrid(torch.arange(B), torch.arange(T), indexing="ij")
+        return self.logprobs_chunk(b.reshape(-1), t.reshape(-1)).reshape(B, T, -1)
 
 
 TeacherSignal = SampledSignal | TopKSignal | FullSignal

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from opdkit.train.logging import read_metrics
+from opdkit.metrics_log import read_metrics
 
 HIST_EDGES: tuple[float, ...] = (
     -50.0, -30.0, -20.0, -15.0, -10.0, -7.0, -5.0, -3.0, -2.0, -1.5, -1.0, -0.75, -0.5, -0.3, -0.2, -0.1, -0.05, 0.0,

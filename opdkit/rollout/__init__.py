@@ -1,6 +1,7 @@
-"""Student rollouts: swappable samplers and a KV-cached HF generation loop."""
+"""Student rollouts: the `RolloutBatch` value, swappable samplers and a KV-cached HF generation loop."""
 
-from opdkit.rollout.hf import RolloutBatch, generate, left_pad, position_ids_from_mask
+from opdkit.rollout.batch import RolloutBatch, left_pad, position_ids_from_mask
+from opdkit.rollout.hf import generate
 from opdkit.rollout.sampler import (
     SAMPLERS,
     Sampler,

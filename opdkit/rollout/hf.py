@@ -14,64 +14,13 @@ tokens with attention 0 (never seen again); the loop stops when every row has em
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, fields
 from typing import Iterable, Sequence
 
 import torch
 
+from opdkit.models import accepts_kwarg
+from opdkit.rollout.batch import RolloutBatch, left_pad, position_ids_from_mask
 from opdkit.rollout.sampler import Sampler, filter_logits, inverse_cdf_sample
-
-
-@dataclass
-class RolloutBatch:
-    input_ids_BL: torch.Tensor  # prompt (left-padded to P) + response (right-padded to T), L = P + T
-    attention_mask_BL: torch.Tensor  # 1 on real prompt tokens and on response tokens up to and including EOS
-    prompt_len: int  # P: response token t is at column P + t
-    response_ids_BT: torch.Tensor  # pad after EOS
-    response_mask_BT: torch.Tensor  # eos_mask_BT minus user-masked ids (e.g. <think>): the tokens a loss sees
-    eos_mask_BT: torch.Tensor  # 1 for generated tokens up to and including the first EOS, 0 after
-    sampler_logprobs_BT: torch.Tensor  # log-prob under the sampled-from distribution (temp/top-k/top-p); 0 after EOS
-    model_logprobs_BT: torch.Tensor  # log-prob under the raw model at temperature 1 (pi_old); 0 after EOS
-    prompt_index_B: torch.Tensor  # which prompt each row came from
-    response_lengths_B: torch.Tensor  # eos_mask_BT.sum(-1): generated tokens including the EOS
-    finished_B: torch.Tensor  # True where the row emitted EOS (False: cut at max_new_tokens)
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.response_ids_BT.shape[0])
-
-    @property
-    def response_len(self) -> int:
-        return int(self.response_ids_BT.shape[1])
-
-    def position_ids_BL(self) -> torch.Tensor:
-        return position_ids_from_mask(self.attention_mask_BL)
-
-    def to(self, device) -> "RolloutBatch":
-        kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        return RolloutBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
-
-
-def position_ids_from_mask(attention_mask_BL: torch.Tensor) -> torch.Tensor:
-    """Position of each token among the real (mask 1) tokens of its row; pads get 0."""
-    return (attention_mask_BL.long().cumsum(dim=-1) - 1).clamp_(min=0)
-
-
-def left_pad(
-    seqs: Sequence[Sequence[int]], pad_token_id: int, *, length: int | None = None, device=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad id lists to `length` (default: the longest); returns (ids_BP, attention_mask_BP)."""
-    P = max(len(s) for s in seqs) if length is None else length
-    ids_BP = torch.full((len(seqs), P), pad_token_id, dtype=torch.long)
-    mask_BP = torch.zeros((len(seqs), P), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        if len(s) > P:
-            raise ValueError(f"sequence {b} has {len(s)} tokens > pad length {P}")
-        if len(s):
-            ids_BP[b, P - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
-            mask_BP[b, P - len(s):] = 1
-    return ids_BP.to(device), mask_BP.to(device)
 
 
 def _ids_tensor(ids: int | Iterable[int] | None, device) -> torch.Tensor:
@@ -80,15 +29,6 @@ def _ids_tensor(ids: int | Iterable[int] | None, device) -> torch.Tensor:
     elif isinstance(ids, int):
         ids = (ids,)
     return torch.as_tensor(sorted({int(i) for i in ids}), dtype=torch.long, device=device)
-
-
-def accepts_kwarg(model, name: str) -> bool:
-    m = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        params = inspect.signature(m.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params
 
 
 def _cache_of(out):

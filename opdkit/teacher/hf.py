@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from opdkit.errors import UserError
+from opdkit.models import accepts_kwarg
 from opdkit.objectives.signals import SIGNAL_KINDS, FullSignal, SampledSignal, TopKSignal
-from opdkit.rollout.hf import accepts_kwarg, left_pad, position_ids_from_mask
+from opdkit.rollout.batch import RolloutBatch, left_pad, position_ids_from_mask
+from opdkit.teacher.base import TeacherRequest
 
 _HEAD_OK: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 PROBE_TOKENS = 4
@@ -190,13 +192,110 @@ def score_rollout(model, rollout, **kw) -> SampledSignal | TopKSignal | FullSign
                  rollout.response_mask_BT, **kw)
 
 
-def score_kwargs(objective_config) -> dict:
-    """`score` keyword arguments for an `ObjectiveConfig`: signal, top_k, need_sampled, chunk_size."""
-    kw = {"signal": objective_config.teacher_signal, "need_sampled": objective_config.needs_sampled_teacher_logprobs,
-          "chunk_size": objective_config.chunk_size}
-    if kw["signal"] == "topk":
-        kw["top_k"] = objective_config.top_k
-    return kw
+def _model_identity(model) -> str:
+    """Name, config and a fingerprint of the weights of a HF model (for cache keys): the model's own path and the
+    size/mtime of its weight files when it was loaded from disk, else a hash of every parameter."""
+    import hashlib
+    import json
+    import os
+
+    base = _unwrap(model)
+    cfg = base.config.to_dict() if hasattr(base, "config") else {}
+    cfg.pop("_name_or_path", None)
+    src = getattr(base.config, "_name_or_path", "") if hasattr(base, "config") else ""
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    files = []
+    if src and os.path.isdir(src):
+        files = sorted(f for f in os.listdir(src) if f.endswith((".safetensors", ".bin")))
+    if files:
+        for f in files:
+            st = os.stat(os.path.join(src, f))
+            h.update(f"{os.path.abspath(os.path.join(src, f))}:{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        for name, p in base.state_dict().items():
+            h.update(name.encode())
+            h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
+    return f"hf:{type(base).__name__}:{dtype}:{h.hexdigest()[:20]}"
+
+
+class HFTeacher:
+    """A Hugging Face causal LM in this process, scoring the rollout's own prompt + response (`score`). Serves every
+    signal kind; `full` hands the objective the teacher's hidden states and lm_head (chunked, never [B, T, V])."""
+
+    kinds = frozenset(SIGNAL_KINDS)
+
+    def __init__(self, model, name: str = "hf"):
+        self.model = model
+        self.name = name
+        self._identity: str | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def score(self, batch: RolloutBatch, request: TeacherRequest):
+        return score_rollout(self.model, batch, **request.score_kwargs())
+
+    def identity(self) -> str | None:
+        if self._identity is None:
+            self._identity = _model_identity(self.model)
+        return self._identity
+
+    def describe(self) -> str:
+        return f"{self.name} ({str(self.dtype).removeprefix('torch.')})"
+
+    def close(self) -> None:
+        pass
+
+
+class SelfTeacher:
+    """OPSD (on-policy self-distillation): the student's own weights — frozen at the start (`live=False`) or the
+    live student (`live=True`) — with privileged context (e.g. the reference solution) in the TEACHER's prompt only;
+    it scores the student's response tokens in that context. Needs the batch's per-row records (`records_B`)."""
+
+    kinds = frozenset(SIGNAL_KINDS)
+
+    def __init__(self, model, tokenizer, template: str, *, live: bool, pad_token_id: int,
+                 use_chat_template: bool | None = None):
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.live, self.use_chat_template, self.pad_token_id = live, use_chat_template, int(pad_token_id)
+        self._identity: str | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def teacher_inputs(self, batch: RolloutBatch) -> "TeacherInputs":
+        from opdkit.data.prompts import prompt_to_ids, teacher_prompt_text
+
+        if batch.records_B is None:
+            raise ValueError("SelfTeacher needs the batch's records (RolloutBatch.with_records) for its privileged "
+                             "prompts")
+        prompts = [prompt_to_ids(teacher_prompt_text(r, self.template), self.tokenizer,
+                                 use_chat_template=self.use_chat_template) for r in batch.records_B]
+        return build_teacher_inputs(prompts, batch.response_ids_BT, batch.eos_mask_BT, pad_token_id=self.pad_token_id)
+
+    def score(self, batch: RolloutBatch, request: TeacherRequest):
+        ti = self.teacher_inputs(batch)
+        return score(self.model, ti.input_ids_BL, ti.attention_mask_BL, ti.prompt_len, batch.response_ids_BT,
+                     batch.response_mask_BT, **request.score_kwargs())
+
+    def identity(self) -> str | None:
+        if self.live:  # its scores change with every optimizer step: never cached
+            return None
+        if self._identity is None:
+            import hashlib
+
+            t = hashlib.sha256(f"{self.template}|{self.use_chat_template}".encode()).hexdigest()[:12]
+            self._identity = f"self:{_model_identity(self.model)}:{t}"
+        return self._identity
+
+    def describe(self) -> str:
+        return f"{'self_live' if self.live else 'self'} ({str(self.dtype).removeprefix('torch.')})"
+
+    def close(self) -> None:
+        pass
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from opdkit.objectives.config import ObjectiveConfig
 
 EMBEDDED_STUDENT = "embedded:student"
 EMBEDDED_TEACHER = "embedded:teacher"
+DTYPES = ("auto", "float32", "bfloat16")
+TEACHER_BACKENDS = ("hf", "self", "self_live")
 
 
 def _pos_int(section: str, name: str, value, allow_zero: bool = False) -> None:
@@ -38,14 +40,12 @@ def _choice(section: str, name: str, value, allowed) -> None:
 class ModelConfig:
     student: str = h("student: HF model dir, a .gguf file, a model config .json/.yaml (random init), or "
                      "embedded:student", default=EMBEDDED_STUDENT)
-    teacher: str = h("teacher: HF model dir, .gguf file, embedded:teacher, or self (OPSD: the student's frozen "
-                     "initial weights with privileged context) / self_live (the live student)", default=EMBEDDED_TEACHER)
+    teacher: str | None = h("shorthand for teacher.model, or self / self_live for teacher.backend (kept for "
+                            "existing configs and presets)", default=None)
+    teacher_dtype: str | None = h("shorthand for teacher.dtype", default=None)
     tokenizer: str | None = h("tokenizer dir (needed when the student is built from a config; default: the "
                               "student's own)", default=None)
     dtype: str = h("weights dtype for the student's master copy: float32 or bfloat16", default="float32")
-    teacher_dtype: str = h("teacher dtype: auto (bfloat16 where the CPU/GPU does bf16 natively - AVX512-BF16 or AMX, "
-                           "where scoring ran 1.6-1.9x faster here - else float32), float32 or bfloat16",
-                           default="auto")
     trust_remote_code: bool = h("allow model code from the checkpoint dir (off: only transformers' own classes)",
                                 default=False)
     gguf_cache_dir: str | None = h("where dequantised copies of .gguf models are cached (default "
@@ -57,7 +57,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice("model", "dtype", self.dtype, ("float32", "bfloat16"))
-        _choice("model", "teacher_dtype", self.teacher_dtype, ("auto", "float32", "bfloat16"))
+        if self.teacher_dtype is not None:
+            _choice("model", "teacher_dtype", self.teacher_dtype, DTYPES)
         _pos_int("model", "lora_r", self.lora_r, allow_zero=True)
         _range("model", "lora_dropout", self.lora_dropout, 0.0, 1.0, hi_open=True)
         if not self.student:
@@ -120,15 +121,26 @@ class RolloutConfig:
 
 @dataclass
 class TeacherConfig:
+    """Which teacher scores the student's responses, and how (docs/teachers.md)."""
+
+    backend: str = h("hf (a HF model in this process), self (OPSD: the student's frozen initial weights with "
+                     "privileged context), self_live (the live student)", default="hf")
+    model: str = h("hf: the teacher model (HF dir, .gguf, embedded:teacher, smollm2)", default=EMBEDDED_TEACHER)
+    dtype: str = h("teacher dtype (hf / self): auto (bfloat16 where the CPU/GPU does bf16 natively - AVX512-BF16 or "
+                   "AMX, where scoring ran 1.6-1.9x faster here - else float32), float32 or bfloat16", default="auto")
     privileged_template: str = h("self-teacher prompt: must contain {prompt} and {privileged}",
                                  default="{prompt}\n\nReference solution: {privileged}\n\n")
     score_chunk_size: int = h("positions per chunk when the teacher computes log-probs (peak O(chunk x V))",
                               default=1024)
 
     def __post_init__(self) -> None:
+        _choice("teacher", "backend", self.backend, TEACHER_BACKENDS)
+        _choice("teacher", "dtype", self.dtype, DTYPES)
         if "{prompt}" not in self.privileged_template or "{privileged}" not in self.privileged_template:
             raise ValueError("teacher.privileged_template must contain {prompt} and {privileged}")
         _pos_int("teacher", "score_chunk_size", self.score_chunk_size)
+        if not self.model:
+            raise ValueError("teacher.model is empty: give a model dir, .gguf file or embedded:teacher")
 
 
 @dataclass
@@ -190,6 +202,7 @@ class TrainConfig:
     progress: bool = h("show a progress bar", default=True)
 
     def __post_init__(self) -> None:
+        self._resolve_teacher_shorthands()
         _pos_int("train", "steps", self.steps)
         _pos_int("train", "threads", self.threads)
         _pos_int("train", "save_every", self.save_every, allow_zero=True)
@@ -208,3 +221,23 @@ class TrainConfig:
                                      f"objective.estimator=sampled")
         if self.objective.estimator == "sampled" and self.objective.pg != "ppo" and self.optim.ppo_epochs > 1:
             raise ValueError("optim.ppo_epochs > 1 reuses rollouts: set objective.pg=ppo (or keep ppo_epochs=1)")
+
+    def _resolve_teacher_shorthands(self) -> None:
+        """model.teacher / model.teacher_dtype (the keys of earlier versions and of the presets) fill the teacher
+        section, then are cleared, so both spellings give one resolved config (and one config hash)."""
+        m, t = self.model, self.teacher
+        if m.teacher is not None:
+            if m.teacher in ("self", "self_live"):
+                if t.backend not in ("hf", m.teacher):
+                    raise ValueError(f"model.teacher={m.teacher} conflicts with teacher.backend={t.backend}: set one")
+                t.backend = m.teacher
+            else:
+                if t.model not in (EMBEDDED_TEACHER, m.teacher):
+                    raise ValueError(f"model.teacher={m.teacher!r} conflicts with teacher.model={t.model!r}: set one "
+                                     "(teacher.model is the current key)")
+                t.model = m.teacher
+            m.teacher = None
+        if m.teacher_dtype is not None:
+            if t.dtype not in ("auto", m.teacher_dtype):
+                raise ValueError(f"model.teacher_dtype={m.teacher_dtype} conflicts with teacher.dtype={t.dtype}")
+            t.dtype, m.teacher_dtype = m.teacher_dtype, None

@@ -1,8 +1,5 @@
-"""Metrics (JSON lines + TensorBoard), a progress display, and run-dir safety checks.
+"""A progress display and run-dir safety checks (the metrics JSONL itself: `opdkit.metrics_log`).
 
-- `MetricsLogger(run_dir)`: one JSON object per line in `run_dir/metrics.jsonl` (always valid JSON: NaN/inf are
-  written as the strings "nan"/"inf"/"-inf", which `read_metrics` turns back into floats) and scalars to
-  TensorBoard under `run_dir/tb`.
 - `Progress(total_steps)`: a rich bar with ETA and a few key metrics on a terminal; plain one-line summaries every
   N steps otherwise (CI logs).
 - `prepare_run_dir(path, config_hash, resume, overwrite)`: refuses to clobber another (or the same) run.
@@ -16,175 +13,17 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-import numpy as np
-import torch
 
 from opdkit.config import dump_config
 from opdkit.errors import UserError
+from opdkit.metrics_log import METRICS_FILE, TB_DIR, flatten, scalar
 
-METRICS_FILE = "metrics.jsonl"
-TB_DIR = "tb"
 CONFIG_FILE = "config.yaml"
 _HASH_TAG = "opdkit config_hash:"
-_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
-# ----------------------------------------------------------------------------------------------------------- values
-
-
-def _float_json(x: float) -> float | str:
-    if math.isfinite(x):
-        return x
-    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-
-
-def to_jsonable(value: Any) -> Any:
-    """A metric value as JSON types: tensors/numpy -> Python numbers or lists, NaN/inf -> "nan"/"inf"/"-inf"."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        value = value.item() if value.numel() == 1 and value.dim() == 0 else value.tolist()
-    elif isinstance(value, np.ndarray):
-        value = value.tolist()
-    elif isinstance(value, np.generic):
-        value = value.item()
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return _float_json(value)
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    return str(value)
-
-
-def _flatten(metrics: Mapping, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in metrics.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _scalar(value: Any) -> float | None:
-    """A real number for TensorBoard, or None (bools, strings, lists, multi-element tensors)."""
-    if isinstance(value, torch.Tensor):
-        return float(value.detach().cpu().item()) if value.numel() == 1 and not value.dtype == torch.bool else None
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
-
-
-def _from_json(value: Any) -> Any:
-    if isinstance(value, str) and value in _NONFINITE:
-        return _NONFINITE[value]
-    if isinstance(value, list):
-        return [_from_json(v) for v in value]
-    return value
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a metrics.jsonl (or of `run_dir/metrics.jsonl`), "nan"/"inf" strings back to floats. A torn
-    last line (a crash mid-write) is skipped."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / METRICS_FILE
-    records = []
-    lines = p.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise
-        records.append({k: _from_json(v) for k, v in rec.items()})
-    return records
-
-
-# ----------------------------------------------------------------------------------------------------------- logger
-
-
-class MetricsLogger:
-    """`.log(step, metrics)` appends `{"step": step, **metrics}` as one JSON line (flushed) and writes the scalar
-    metrics to TensorBoard. Nested dicts are flattened with "/" keys. `resume_step`: drop the records (and TB
-    events) of steps after it, left by the interrupted run."""
-
-    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True, resume_step: int | None = None):
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.run_dir / METRICS_FILE
-        if resume_step is not None and self.path.exists():
-            self._truncate_after(resume_step)
-        self._fh: TextIO | None = open(self.path, "a", encoding="utf-8")
-        self._tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is an optional dependency
-                warnings.warn("tensorboard is not installed; metrics go to metrics.jsonl only", stacklevel=2)
-            else:
-                purge = None if resume_step is None else resume_step + 1
-                self._tb = SummaryWriter(log_dir=str(self.run_dir / TB_DIR), purge_step=purge, flush_secs=10)
-
-    def _truncate_after(self, step: int) -> None:
-        keep = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
-                keep.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-        os.replace(tmp, self.path)
-
-    def log(self, step: int, metrics: Mapping[str, Any]) -> dict:
-        """Write one record; returns it (as written)."""
-        if self._fh is None:
-            raise RuntimeError("MetricsLogger is closed")
-        flat = _flatten(metrics)
-        record = {"step": int(step), **{k: to_jsonable(v) for k, v in flat.items() if k != "step"}}
-        self._fh.write(json.dumps(record, allow_nan=False) + "\n")
-        self._fh.flush()
-        if self._tb is not None:
-            for k, v in flat.items():
-                x = _scalar(v)
-                if x is not None and k != "step":
-                    self._tb.add_scalar(k, x, int(step))
-        return record
-
-    def flush(self) -> None:
-        if self._fh is not None:
-            self._fh.flush()
-        if self._tb is not None:
-            self._tb.flush()
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-
-    def __enter__(self) -> MetricsLogger:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # ----------------------------------------------------------------------------------------------------------- progress
@@ -193,7 +32,7 @@ DEFAULT_KEYS = ("loss", "reward_mean", "reward/mean", "acc", "accuracy", "kl", "
 
 
 def _fmt_num(v: Any) -> str:
-    x = _scalar(v)
+    x = scalar(v)
     if x is None:
         return str(v)
     if isinstance(v, int) and not isinstance(v, bool):
@@ -245,11 +84,11 @@ class Progress:
     def _metric_text(self, metrics: Mapping[str, Any] | None) -> str:
         if not metrics:
             return ""
-        flat = _flatten(metrics)
+        flat = flatten(metrics)
         if self.keys is not None:
             keys = [k for k in self.keys if k in flat]
         else:
-            keys = [k for k in DEFAULT_KEYS if k in flat] or [k for k, v in flat.items() if _scalar(v) is not None][:4]
+            keys = [k for k in DEFAULT_KEYS if k in flat] or [k for k, v in flat.items() if scalar(v) is not None][:4]
         return " | ".join(f"{k} {_fmt_num(flat[k])}" for k in keys)
 
     def start(self) -> Progress:

@@ -30,19 +30,19 @@ import torch
 
 from opdkit.config import config_hash, help_text, load_config
 from opdkit.diagnostics import FailureDetector
-from opdkit.data.prompts import PromptRecord, encode_prompts, prompt_to_ids, teacher_prompt_text
+from opdkit.data.prompts import PromptRecord, encode_prompts
 from opdkit.errors import RunFailed, UserError, run_cli
-from opdkit.objectives import SampledSignal, compute_advantages, opd_per_token_loss
-from opdkit.objectives.loss import aggregate, divergence_of, token_stats
-from opdkit.objectives.sampled import token_rewards
-from opdkit.rollout import SAMPLERS, RolloutBatch, generate, greedy_sample
-from opdkit.rollout.hf import left_pad, position_ids_from_mask
-from opdkit.teacher.hf import build_teacher_inputs, score, score_kwargs
+from opdkit.objectives import opd_per_token_loss
+from opdkit.objectives.loss import aggregate, token_stats
+from opdkit.objectives.step import batch_terms, dense_reward
+from opdkit.rollout import SAMPLERS, RolloutBatch, generate, greedy_sample, left_pad, position_ids_from_mask
+from opdkit.teacher import Teacher, TeacherRequest, check_serves
 from opdkit.train import setup
-from opdkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_dir
+from opdkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_dir
 from opdkit.train.config import TrainConfig
 from opdkit.report.plots import plot_run, reward_histogram
-from opdkit.train.logging import MetricsLogger, Progress, prepare_run_dir, read_metrics
+from opdkit.train.logging import Progress, prepare_run_dir
+from opdkit.metrics_log import MetricsLogger, read_metrics
 from opdkit.train.signals import GracefulStop
 
 # Knobs that may change between a run and its resumption without making it a different run.
@@ -54,8 +54,7 @@ RESUMABLE_KNOBS = ("resume", "overwrite", "steps", "progress", "threads", "save_
 class Models:
     student: torch.nn.Module
     tokenizer: object
-    teacher: torch.nn.Module
-    teacher_is_student: bool
+    teacher: Teacher
     eos_ids: list[int]
     pad_id: int
     masked_ids: list[int]
@@ -107,42 +106,16 @@ def reference_batch(student, prompt_ids: list[list[int]], records: list[PromptRe
                         eos_BT.sum(-1), torch.ones(len(resp), dtype=torch.bool))
 
 
-def teacher_signal(cfg: TrainConfig, m: Models, batch: RolloutBatch, records: list[PromptRecord]):
-    """Step 2: the teacher scores the response tokens and returns only the declared signal."""
-    kw = score_kwargs(cfg.objective)
-    kw["chunk_size"] = cfg.teacher.score_chunk_size
-    if cfg.model.teacher in ("self", "self_live"):
-        # OPSD: the teacher sees the privileged context (e.g. the reference solution); the student never does.
-        t_prompts = [prompt_to_ids(teacher_prompt_text(r, cfg.teacher.privileged_template), m.tokenizer,
-                                   use_chat_template=cfg.data.use_chat_template) for r in records]
-        ti = build_teacher_inputs(t_prompts, batch.response_ids_BT, batch.eos_mask_BT, pad_token_id=m.pad_id,
-                                  prompt_index_B=batch.prompt_index_B)
-        return score(m.teacher, ti.input_ids_BL, ti.attention_mask_BL, ti.prompt_len, batch.response_ids_BT,
-                     batch.response_mask_BT, **kw)
-    return score(m.teacher, batch.input_ids_BL, batch.attention_mask_BL, batch.prompt_len, batch.response_ids_BT,
-                 batch.response_mask_BT, **kw)
-
-
-def _slice_signal(sig, rows: slice):
-    cls = type(sig)
-    vals = {k: (v[rows] if isinstance(v, torch.Tensor) and k.endswith(("_BT", "_BTK", "_BTH", "_BTV")) else v)
-            for k, v in sig.__dict__.items()}
-    return cls(**vals)
-
-
 # ----------------------------------------------------------------------------------------------- update
 def update(cfg: TrainConfig, m: Models, opt, sched, batch: RolloutBatch, signal, task_rewards_B) -> dict:
     """Steps 3-4: advantages once per batch, then PPO epochs x micro-batches with global-count aggregation."""
     obj = cfg.objective
     mask_BT = batch.response_mask_BT.bool()
     old_lp_BT = batch.model_logprobs_BT
-    metrics: dict = {}
-    adv_BT = None
-    if isinstance(signal, SampledSignal):
-        adv_BT, metrics = compute_advantages(obj, old_lp_BT, signal.logprobs_BT, mask_BT, task_rewards_B)
-        # the reward before transforms, for the reward-distribution plots (PowerOPD fig. 2)
-        raw = token_rewards(obj, divergence_of(obj), old_lp_BT, signal.logprobs_BT)
-        metrics["reward/hist"] = reward_histogram(raw, mask_BT)
+    terms = batch_terms(obj, signal, old_lp_BT, mask_BT, task_rewards_B)  # once per batch, not per micro-batch
+    adv_BT, metrics = terms.advantages_BT, terms.metrics
+    if terms.raw_reward_BT is not None:
+        metrics["reward/hist"] = reward_histogram(terms.raw_reward_BT, mask_BT)
     n_tokens = max(int(mask_BT.sum()), 1)
     n_seqs = max(int((mask_BT.sum(-1) > 0).sum()), 1)
     B, mb = batch.batch_size, cfg.optim.micro_batch_size
@@ -161,10 +134,10 @@ def update(cfg: TrainConfig, m: Models, opt, sched, batch: RolloutBatch, signal,
                             position_ids=pos_BL[rows], logits_to_keep=T + 1)
             logits_BTV = out.logits[:, :-1]  # column P-1+t predicts response token t
             per, mm = opd_per_token_loss(
-                obj, tokens_BT=batch.response_ids_BT[rows], mask_BT=mask_BT[rows], teacher=_slice_signal(signal, rows),
+                obj, tokens_BT=batch.response_ids_BT[rows], mask_BT=mask_BT[rows], teacher=signal.rows(rows),
                 logits_BTV=logits_BTV, old_logprobs_BT=old_lp_BT[rows] if obj.uses_old_logprobs else None,
                 advantages_BT=None if adv_BT is None else adv_BT[rows],
-                task_rewards_B=None if task_rewards_B is None or adv_BT is not None else task_rewards_B[rows])
+                task_rewards_B=None if terms.task_rewards_B is None else terms.task_rewards_B[rows])
             loss = aggregate(per.loss_BT, per.mask_BT, obj.aggregation, num_tokens=n_tokens, num_sequences=n_seqs)
             loss.backward()
             loss_total += loss.item()
@@ -173,7 +146,7 @@ def update(cfg: TrainConfig, m: Models, opt, sched, batch: RolloutBatch, signal,
                 for k in sums:
                     sums[k] += w * mm.get(k, 0.0)
                 if adv_BT is None:
-                    reward_BT[rows] = -per.loss_BT.detach().double()
+                    reward_BT[rows] = dense_reward(per)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         gn = torch.nn.utils.clip_grad_norm_([p for p in m.student.parameters() if p.requires_grad], clip)
         grad_norms.append(float(gn))
@@ -248,12 +221,13 @@ def train(cfg: TrainConfig) -> dict:
         raise UserError("rollout.gkd_lambda < 1 mixes in the dataset's reference responses: set "
                         "data.completion_field (built-in tasks have them)")
     student, tok = setup.load_student(cfg.model, cfg.seed)
-    teacher, is_self = setup.load_teacher(cfg.model, student, tok)
+    frozen = setup.frozen_self_teacher(cfg, student)  # OPSD's frozen teacher: the initial weights, before LoRA
     student = setup.maybe_lora(student, cfg.model)
-    if is_self:
-        teacher = student
     eos, pad, masked = _special_ids(student, tok, cfg.rollout.masked_tokens)
-    m = Models(student, tok, teacher, is_self, eos, pad, masked)
+    teacher = setup.build_teacher(cfg, student, tok, frozen, pad_token_id=pad)
+    request = TeacherRequest.for_objective(cfg.objective, chunk_size=cfg.teacher.score_chunk_size)
+    check_serves(teacher, request)  # a teacher that cannot give the objective's signal: one line, nothing written
+    m = Models(student, tok, teacher, eos, pad, masked)
     chash = config_hash(cfg, exclude=RESUMABLE_KNOBS)
     run_dir = prepare_run_dir(cfg.run_dir, chash, resume=cfg.resume, overwrite=cfg.overwrite, config=cfg,
                               exclude=RESUMABLE_KNOBS)
@@ -277,8 +251,9 @@ def train(cfg: TrainConfig) -> dict:
     if start:
         detector.replay(read_metrics(run_dir))
     sampler = SAMPLERS[cfg.rollout.sampler]
-    summary: dict = {"run_dir": str(run_dir), "start_step": start,
-                     "teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch.")}
+    summary: dict = {"run_dir": str(run_dir), "start_step": start, "teacher": teacher.describe()}
+    if hasattr(teacher, "dtype"):  # teacher.dtype=auto depends on the machine: the summary says what it chose
+        summary["teacher_dtype"] = str(teacher.dtype).removeprefix("torch.")
 
     def checkpoint(done: int) -> Path:
         sidecar = None
@@ -315,14 +290,14 @@ def train(cfg: TrainConfig) -> dict:
                                  pad_token_id=pad, masked_token_ids=masked, sampler=sampler, generator=gen)
             else:
                 batch = reference_batch(student, prompt_ids, records, m, cfg.rollout.max_new_tokens)
-            row_records = [records[i] for i in batch.prompt_index_B.tolist()]
+            batch = batch.with_records(records)  # per-row records: a self-teacher's privileged context, route keys
             t1 = time.perf_counter()
-            # 2. teacher scoring (one no-grad forward over prompt + response)
-            signal = teacher_signal(cfg, m, batch, records)
+            # 2. teacher scoring: exactly the signal the objective declared (TeacherRequest), from any backend
+            signal = teacher.score(batch, request)
             teacher_tokens += int(batch.eos_mask_BT.sum())
             t2 = time.perf_counter()
             texts = decode(m, batch)
-            rewards_B = torch.tensor([source.score(t, r) for t, r in zip(texts, row_records, strict=True)],
+            rewards_B = torch.tensor([source.score(t, r) for t, r in zip(texts, batch.records_B, strict=True)],
                                      dtype=torch.float64)
             task_rewards = rewards_B if cfg.task_reward else None
             # 3-4. objective and update

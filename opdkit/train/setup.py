@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Callable
 
@@ -18,27 +17,11 @@ import yaml
 from opdkit.data.prompts import PromptRecord
 from opdkit.errors import UserError
 from opdkit.models import apply_lora, check_compatible, load_causal_lm, resolve_dtype
+from opdkit.specs import embedded_task_info, resolve_model_spec
 from opdkit.teacher.hf import frozen_copy
 
 
-
-# --------------------------------------------------------------------------------------------- model specs
-def embedded_dir() -> Path:
-    return Path(str(resources.files("opdkit") / "assets" / "embedded"))
-
-
-def resolve_model_spec(spec: str) -> str:
-    """See `opdkit.eval.run.resolve_model_spec` (embedded:*, smollm2*, anything else unchanged)."""
-    from opdkit.eval.run import resolve_model_spec as resolve
-
-    return resolve(spec)
-
-
-def embedded_task() -> dict:
-    path = embedded_dir() / "task.json"
-    if not path.exists():
-        raise UserError(f"the embedded task is missing ({path}); regenerate it with scripts/make_embedded.py")
-    return json.loads(path.read_text())
+# --------------------------------------------------------------------------------------------- models
 
 
 def _config_file(spec: str) -> dict | None:
@@ -79,20 +62,36 @@ def load_student(mcfg, seed: int):
     return model, tok
 
 
-def load_teacher(mcfg, student, student_tok):
-    """The teacher model, and whether it is the student itself (self_live). Checked against the student."""
-    if mcfg.teacher == "self":
-        # OPSD: the student's initial weights, frozen (bf16 scoring is ~1.9x faster on CPUs with AMX)
-        return frozen_copy(student).to(resolve_dtype(mcfg.teacher_dtype)), False
-    if mcfg.teacher == "self_live":
-        return student, True
-    spec = resolve_model_spec(mcfg.teacher)
-    teacher, t_tok = load_causal_lm(spec, dtype=resolve_dtype(mcfg.teacher_dtype), trust_remote_code=mcfg.trust_remote_code,
-                                    gguf_cache_dir=mcfg.gguf_cache_dir)
+def load_teacher_model(spec: str, mcfg, tcfg, student, student_tok):
+    """A frozen HF teacher model from `spec` (teacher.dtype), checked against the student's tokenizer and head."""
+    teacher, t_tok = load_causal_lm(resolve_model_spec(spec), dtype=resolve_dtype(tcfg.dtype),
+                                    trust_remote_code=mcfg.trust_remote_code, gguf_cache_dir=mcfg.gguf_cache_dir)
     check_compatible(student_tok, t_tok, student, teacher)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    return teacher.eval(), False
+    return teacher.eval()
+
+
+def frozen_self_teacher(cfg, student):
+    """OPSD's frozen teacher: the student's initial weights (before LoRA), in teacher.dtype (bf16 scoring is ~1.9x
+    faster on CPUs with AMX). None unless teacher.backend=self."""
+    if cfg.teacher.backend != "self":
+        return None
+    return frozen_copy(student).to(resolve_dtype(cfg.teacher.dtype))
+
+
+def build_teacher(cfg, student, tok, frozen=None, *, pad_token_id: int):
+    """The teacher backend of a TrainConfig (`opdkit.teacher`), after the student got its LoRA adapters (a live
+    self-teacher is the trained student itself). Everything that can fail on bad input fails here, before the run
+    dir is written."""
+    from opdkit.teacher import HFTeacher, SelfTeacher
+
+    t = cfg.teacher
+    if t.backend in ("self", "self_live"):
+        model = frozen if t.backend == "self" else student
+        return SelfTeacher(model, tok, t.privileged_template, live=t.backend == "self_live",
+                           pad_token_id=pad_token_id, use_chat_template=cfg.data.use_chat_template)
+    return HFTeacher(load_teacher_model(t.model, cfg.model, t, student, tok), name=t.model)
 
 
 def maybe_lora(model, mcfg):
@@ -132,7 +131,7 @@ def prompt_source(dcfg, seed: int) -> PromptSource:
         name = spec.split(":", 1)[1]
         args: dict = {}
         if name == "embedded":
-            info = embedded_task()
+            info = embedded_task_info()
             name, args = info["task"], dict(info.get("task_args", {}))
         try:
             task = get_task(name, **args)

@@ -363,8 +363,9 @@ def run_sft(cfg: SFTConfig) -> dict:
     Same guarantees as `opdkit train`: a step with a non-finite loss or gradient norm is skipped and logged
     (sft.max_skipped_steps in a row stop the run with a checkpoint, exit 3); SIGINT/SIGTERM stop after the step
     with a checkpoint; every step appears once in metrics.jsonl (its eval, if any, in the same record)."""
-    from opdkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_dir
-    from opdkit.train.logging import MetricsLogger, Progress, prepare_run_dir
+    from opdkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_dir
+    from opdkit.train.logging import Progress, prepare_run_dir
+    from opdkit.metrics_log import MetricsLogger
     from opdkit.train.sft_data import StepData
     from opdkit.train.signals import GracefulStop
 

@@ -17,7 +17,7 @@ def tiny(tmp_path_factory):
     """A tiny random Llama + char tokenizer saved as an HF dir (and as a checkpoint of a run)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from opdkit.train.checkpoint import save_checkpoint, save_model_dir
+    from opdkit.checkpoint import save_checkpoint, save_model_dir
 
     task = get_task("addition", digits=2)
     tok = build_char_tokenizer([task.alphabet])

@@ -42,7 +42,7 @@ def test_presets_are_valid_train_configs(name):
 
 def test_opsd_preset_knobs():
     cfg = load_config(TrainConfig, preset_path("smollm2-opsd"))
-    assert (cfg.model.student, cfg.model.teacher) == ("smollm2", "self")
+    assert (cfg.model.student, cfg.teacher.backend) == ("smollm2", "self")
     assert "{privileged}" in cfg.teacher.privileged_template and "{prompt}" in cfg.teacher.privileged_template
     assert 1e-5 <= cfg.optim.lr <= 5e-5
     assert cfg.objective.estimator in ("sampled", "topk") and cfg.objective.divergence == "reverse_kl"
@@ -51,7 +51,7 @@ def test_opsd_preset_knobs():
 
 def test_distill_preset_knobs_and_student_config():
     cfg = load_config(TrainConfig, preset_path("smollm2-distill"))
-    assert cfg.model.teacher == "smollm2" and cfg.model.student == smollm2.TINY_SPEC
+    assert cfg.teacher.model == "smollm2" and cfg.model.student == smollm2.TINY_SPEC
     assert cfg.model.tokenizer == smollm2.TOKENIZER_SPEC
     assert cfg.objective.teacher_signal == "topk" and 0 < cfg.rollout.gkd_lambda < 1
     path = smollm2.resolve(cfg.model.student)
@@ -235,9 +235,10 @@ def test_perturbed_completions(recovery):
 def test_smollm2_opsd_preset_two_steps(tmp_path, monkeypatch):
     """`opdkit train smollm2-opsd` with tiny lengths: the real model trains for 2 steps (includes the one-time GGUF
     dequantisation, ~25 s, when the cache is empty; default cache or $OPDKIT_GGUF_CACHE)."""
-    from opdkit.train import loop, setup
+    from opdkit.specs import resolve_model_spec
+    from opdkit.train import loop
 
-    assert setup.resolve_model_spec("smollm2").endswith(".gguf")
+    assert resolve_model_spec("smollm2").endswith(".gguf")
     yaml_path, overrides = config_args([
         "smollm2-opsd", "steps=2", "threads=1", "progress=false", f"run_dir={tmp_path / 'run'}",
         "rollout.prompts_per_step=2", "rollout.n_samples=1", "rollout.max_new_tokens=16", "data.eval_prompts=2",
@@ -255,7 +256,7 @@ def test_smollm2_opsd_preset_two_steps(tmp_path, monkeypatch):
 def test_eval_and_train_resolve_smollm2_specs():
     """`opdkit eval model=smollm2` and `opdkit train model.student=smollm2` resolve the same way."""
     from opdkit.eval.run import resolve_model_spec as eval_resolve
-    from opdkit.train.setup import resolve_model_spec as train_resolve
+    from opdkit.specs import resolve_model_spec as train_resolve
 
     for spec in ("smollm2", "smollm2:tokenizer", "smollm2:tiny", "embedded:student", "some/dir"):
         assert eval_resolve(spec) == train_resolve(spec)

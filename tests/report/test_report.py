@@ -15,7 +15,7 @@ from opdkit.diagnostics import FailureDetector
 from opdkit.report.plots import accuracy_source
 from opdkit.report import (HIST_EDGES, markdown_table, markdown_to_html, method_colors, plot_compare, plot_run,
                            reward_histogram, write_html)
-from opdkit.train.logging import MetricsLogger
+from opdkit.metrics_log import MetricsLogger
 
 PNG = b"\x89PNG\r\n\x1a\n"
 T = 24

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from opdkit.train.logging import read_metrics
+from opdkit.metrics_log import read_metrics
 from opdkit.train.sft import SFTConfig, main, run_sft
 from opdkit.config import load_config
 

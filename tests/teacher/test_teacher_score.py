@@ -10,7 +10,8 @@ from opdkit.models import apply_lora, tiny_llama, tiny_tokenizer
 from opdkit.objectives.config import ObjectiveConfig
 from opdkit.objectives.signals import FullSignal, SampledSignal, TopKSignal
 from opdkit.rollout import generate, inverse_cdf_sample
-from opdkit.teacher import build_teacher_inputs, frozen_copy, head_matches_logits, score, score_kwargs, score_rollout
+from opdkit.teacher import (TeacherRequest, build_teacher_inputs, frozen_copy, head_matches_logits, score,
+                            score_rollout)
 
 TOK = tiny_tokenizer()
 V = len(TOK)
@@ -181,10 +182,18 @@ def test_misaligned_inputs_rejected(teacher, rollout):
         score_rollout(teacher, rb, signal="dense")
 
 
-def test_score_kwargs():
-    assert score_kwargs(ObjectiveConfig()) == {"signal": "sampled", "need_sampled": True, "chunk_size": 1024}
-    kw = score_kwargs(ObjectiveConfig(estimator="topk", top_k=8, topk_include_sampled=True))
-    assert kw["signal"] == "topk" and kw["top_k"] == 8 and kw["need_sampled"] is True
+def test_teacher_request_for_objective():
+    req = TeacherRequest.for_objective(ObjectiveConfig())
+    assert (req.kind, req.top_k, req.need_sampled) == ("sampled", None, False)
+    assert req.score_kwargs() == {"signal": "sampled", "need_sampled": False, "chunk_size": 1024, "temperature": 1.0,
+                                  "vocab_size": None}
+    req = TeacherRequest.for_objective(ObjectiveConfig(estimator="topk", top_k=8, topk_include_sampled=True),
+                                       chunk_size=64)
+    kw = req.score_kwargs()
+    assert kw["signal"] == "topk" and kw["top_k"] == 8 and kw["need_sampled"] is True and kw["chunk_size"] == 64
+    assert TeacherRequest.for_objective(ObjectiveConfig(estimator="full")).kind == "full"
+    with pytest.raises(ValueError, match="top_k"):
+        TeacherRequest("topk")
 
 
 def test_opsd_privileged_teacher_inputs(student):

@@ -17,7 +17,7 @@ import sys
 def main(argv: list[str]) -> int:
     cmd, mode, arg = argv[0], argv[1], int(argv[2])
     overrides = argv[argv.index("--") + 1:]
-    from opdkit.train import checkpoint, logging
+    from opdkit import checkpoint, metrics_log as logging
 
     if mode in ("kill_after_step", "term_after_step"):
         sig = signal.SIGKILL if mode == "kill_after_step" else signal.SIGTERM

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from opdkit.errors import UserError
-from opdkit.train.checkpoint import (
+from opdkit.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,

@@ -14,7 +14,8 @@ import torch
 
 from opdkit.config import config_hash, h, load_config
 from opdkit.errors import UserError
-from opdkit.train.logging import MetricsLogger, Progress, prepare_run_dir, read_metrics, read_run_hash
+from opdkit.train.logging import Progress, prepare_run_dir, read_run_hash
+from opdkit.metrics_log import MetricsLogger, read_metrics
 
 
 def test_metrics_jsonl_and_tensorboard(tmp_path: Path) -> None:

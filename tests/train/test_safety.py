@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from opdkit.train import loop
-from opdkit.train.checkpoint import (MANIFEST_FILE, MODEL_FILE, STATE_FILE, latest_checkpoint, list_checkpoints,
+from opdkit.checkpoint import (MANIFEST_FILE, MODEL_FILE, STATE_FILE, latest_checkpoint, list_checkpoints,
                                      load_model_state, save_checkpoint, verify_checkpoint)
-from opdkit.train.logging import read_metrics
+from opdkit.metrics_log import read_metrics
 from tests.train.test_trainer import _metrics, _run, _weights
 from tests.train.tiny_run import base_overrides, make_pair
 
@@ -128,7 +128,7 @@ def test_consecutive_non_finite_steps_stop_the_run_with_a_resumable_checkpoint(p
 def test_non_finite_weights_are_refused_at_load_and_never_saved(pair, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from opdkit.train.checkpoint import save_model_dir
+    from opdkit.checkpoint import save_model_dir
 
     bad = AutoModelForCausalLM.from_pretrained(pair["student"])
     state = bad.state_dict()
@@ -218,7 +218,7 @@ def test_a_crafted_nan_checkpoint_with_a_valid_manifest_is_refused(tmp_path):
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     sd["bias"][0] = float("inf")
     save_file(sd, str(newest / MODEL_FILE), metadata={"format": "pt"})
-    from opdkit.train.checkpoint import _manifest
+    from opdkit.checkpoint import _manifest
 
     (newest / MANIFEST_FILE).write_text(json.dumps(_manifest(newest, 2)))  # re-signed: only the NaN check is left
     with pytest.raises(Exception, match="non-finite weights"):

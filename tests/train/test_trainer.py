@@ -63,10 +63,13 @@ def test_masked_tokens_do_not_contribute_to_the_gradient(pair, tmp_path):
                                                                                    "objective.estimator=full"])
     from opdkit.train import setup
 
+    from opdkit.teacher import TeacherRequest
+
     student, tok = setup.load_student(cfg.model, 0)
-    teacher, _ = setup.load_teacher(cfg.model, student, tok)
     eos, pad, masked = loop._special_ids(student, tok, cfg.rollout.masked_tokens)
-    m = loop.Models(student, tok, teacher, False, eos, pad, masked)
+    backend = setup.build_teacher(cfg, student, tok, pad_token_id=pad)
+    teacher = backend.model
+    m = loop.Models(student, tok, backend, eos, pad, masked)
     recs = setup.prompt_source(cfg.data, 0).draw(__import__("random").Random(0), 4)
     from opdkit.data.prompts import encode_prompts
     from opdkit.rollout import generate
@@ -76,7 +79,7 @@ def test_masked_tokens_do_not_contribute_to_the_gradient(pair, tmp_path):
                      masked_token_ids=masked, generator=torch.Generator().manual_seed(0))
     # make sure some response tokens are masked ('+' is in the alphabet; force one)
     batch.response_mask_BT[0, 0] = 0
-    signal = loop.teacher_signal(cfg, m, batch, recs)
+    signal = backend.score(batch.with_records(recs), TeacherRequest.for_objective(cfg.objective))
     full_lp = torch.log_softmax(teacher(batch.input_ids_BL).logits[:, batch.prompt_len - 1:-1].float(), -1).detach()
 
     def grad_with(lp):
@@ -123,7 +126,9 @@ def test_resume_after_a_kill_gives_identical_weights(pair, tmp_path, monkeypatch
 
 def test_opsd_teacher_sees_privileged_context_and_student_does_not(pair, tmp_path, monkeypatch):
     seen = {}
-    real_score = loop.score
+    from opdkit.teacher import hf as teacher_hf
+
+    real_score = teacher_hf.score
 
     def spy(model, ids, att, P, *a, **k):
         seen["teacher_prompt"] = ids[:, :P]
@@ -135,7 +140,7 @@ def test_opsd_teacher_sees_privileged_context_and_student_does_not(pair, tmp_pat
         seen["student_prompts"] = prompt_ids
         return real_generate(model, prompt_ids, **k)
 
-    monkeypatch.setattr(loop, "score", spy)
+    monkeypatch.setattr(teacher_hf, "score", spy)
     monkeypatch.setattr(loop, "generate", spy_gen)
     _run(pair, tmp_path / "opsd", "model.teacher=self", "teacher.privileged_template='{prompt} SOLUTION {privileged}'",
          steps=1)

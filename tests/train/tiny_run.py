@@ -6,7 +6,7 @@ from pathlib import Path
 
 from opdkit.models import tiny_llama
 from opdkit.tasks import Addition, build_char_tokenizer
-from opdkit.train.checkpoint import save_model_dir
+from opdkit.checkpoint import save_model_dir
 
 
 def make_pair(root: Path, *, teacher_vocab_extra: int = 0, teacher_seed: int = 1) -> dict[str, str]:
