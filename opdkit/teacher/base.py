@@ -67,7 +67,8 @@ class Teacher(Protocol):
     batch's response tokens (positions outside `response_mask_BT` get log-prob 0 / id 0); `identity()`: a string that
     changes whenever its scores could (model, weights, dtype, prompt template) — the cache key — or None when the
     scores change during training (a live self-teacher); `describe()`: a short text for the run summary; `close()`:
-    release what it holds (a server it started)."""
+    release what it holds (a server it started); `stats()`: counters since the last call, logged with each step
+    (requests, cache hits, per-teacher token counts)."""
 
     kinds: frozenset[str]
 
@@ -78,6 +79,8 @@ class Teacher(Protocol):
     def describe(self) -> str: ...
 
     def close(self) -> None: ...
+
+    def stats(self) -> dict: ...
 
 
 def check_serves(teacher: Teacher, request: TeacherRequest, what: str = "the teacher") -> None:

@@ -248,6 +248,9 @@ class HFTeacher:
     def close(self) -> None:
         pass
 
+    def stats(self) -> dict:
+        return {}
+
 
 class SelfTeacher:
     """OPSD (on-policy self-distillation): the student's own weights — frozen at the start (`live=False`) or the
@@ -296,6 +299,9 @@ class SelfTeacher:
 
     def close(self) -> None:
         pass
+
+    def stats(self) -> dict:
+        return {}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from opdkit.objectives.config import ObjectiveConfig
 EMBEDDED_STUDENT = "embedded:student"
 EMBEDDED_TEACHER = "embedded:teacher"
 DTYPES = ("auto", "float32", "bfloat16")
-TEACHER_BACKENDS = ("hf", "self", "self_live")
+TEACHER_BACKENDS = ("hf", "self", "self_live", "server")
 
 
 def _pos_int(section: str, name: str, value, allow_zero: bool = False) -> None:
@@ -120,18 +120,57 @@ class RolloutConfig:
 
 
 @dataclass
+class ServerConfig:
+    """teacher.backend=server: a stock vLLM OpenAI-compatible server scores the responses (prompt log-probs)."""
+
+    url: str | None = h("the server, e.g. http://127.0.0.1:8000 (null with launch=true: opdkit starts one)",
+                        default=None)
+    model: str | None = h("served model name (default: the server's first model in /v1/models)", default=None)
+    launch: bool = h("start `vllm serve` of teacher.model on 127.0.0.1 for this run (stopped when it ends or "
+                     "crashes); needs vllm in server.python's environment", default=False)
+    python: str = h("launch: the Python with vllm installed (scripts/setup_vllm.sh makes .venv-vllm)",
+                    default=".venv-vllm/bin/python")
+    max_logprobs: int = h("launch: the server's --max-logprobs (the largest top-K it returns)", default=32)
+    kv_cache_gib: int = h("launch on CPU: VLLM_CPU_KVCACHE_SPACE in GiB (a whole number)", default=1)
+    launch_args: list[str] = h("launch: extra arguments for the server (e.g. [--tensor-parallel-size, '8'])",
+                               default_factory=list)
+    startup_timeout_s: float = h("launch: seconds to wait for the server to answer", default=600.0)
+    timeout_s: float = h("seconds per request before it is retried", default=120.0)
+    retries: int = h("retries per request (exponential backoff from 0.5 s) before the run stops with an error",
+                     default=3)
+    concurrency: int = h("requests in flight at once", default=8)
+    rows_per_request: int = h("sequences per /v1/completions request", default=8)
+
+    def __post_init__(self) -> None:
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"server.url={self.url!r} must start with http:// or https://")
+        if self.url is not None and self.launch:
+            raise ValueError("server.url and server.launch=true exclude each other: connect to a server, or start one")
+        _pos_int("server", "max_logprobs", self.max_logprobs)
+        _pos_int("server", "kv_cache_gib", self.kv_cache_gib)
+        _range("server", "startup_timeout_s", self.startup_timeout_s, 0.0, 1e6, lo_open=True)
+        _range("server", "timeout_s", self.timeout_s, 0.0, 1e6, lo_open=True)
+        _pos_int("server", "retries", self.retries, allow_zero=True)
+        _pos_int("server", "concurrency", self.concurrency)
+        _pos_int("server", "rows_per_request", self.rows_per_request)
+
+
+@dataclass
 class TeacherConfig:
     """Which teacher scores the student's responses, and how (docs/teachers.md)."""
 
     backend: str = h("hf (a HF model in this process), self (OPSD: the student's frozen initial weights with "
-                     "privileged context), self_live (the live student)", default="hf")
-    model: str = h("hf: the teacher model (HF dir, .gguf, embedded:teacher, smollm2)", default=EMBEDDED_TEACHER)
+                     "privileged context), self_live (the live student), server (a vLLM server: sampled and topk "
+                     "estimators)", default="hf")
+    model: str = h("hf: the teacher model (HF dir, .gguf, embedded:teacher, smollm2); server with "
+                   "server.launch=true: the model to serve", default=EMBEDDED_TEACHER)
     dtype: str = h("teacher dtype (hf / self): auto (bfloat16 where the CPU/GPU does bf16 natively - AVX512-BF16 or "
                    "AMX, where scoring ran 1.6-1.9x faster here - else float32), float32 or bfloat16", default="auto")
     privileged_template: str = h("self-teacher prompt: must contain {prompt} and {privileged}",
                                  default="{prompt}\n\nReference solution: {privileged}\n\n")
     score_chunk_size: int = h("positions per chunk when the teacher computes log-probs (peak O(chunk x V))",
                               default=1024)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:
         _choice("teacher", "backend", self.backend, TEACHER_BACKENDS)
@@ -141,6 +180,9 @@ class TeacherConfig:
         _pos_int("teacher", "score_chunk_size", self.score_chunk_size)
         if not self.model:
             raise ValueError("teacher.model is empty: give a model dir, .gguf file or embedded:teacher")
+        if self.backend == "server" and self.server.url is None and not self.server.launch:
+            raise ValueError("teacher.backend=server needs teacher.server.url=http://host:port (a running vLLM "
+                             "server) or teacher.server.launch=true (opdkit starts one for teacher.model)")
 
 
 @dataclass

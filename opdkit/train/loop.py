@@ -225,9 +225,17 @@ def train(cfg: TrainConfig) -> dict:
     student = setup.maybe_lora(student, cfg.model)
     eos, pad, masked = _special_ids(student, tok, cfg.rollout.masked_tokens)
     teacher = setup.build_teacher(cfg, student, tok, frozen, pad_token_id=pad)
-    request = TeacherRequest.for_objective(cfg.objective, chunk_size=cfg.teacher.score_chunk_size)
-    check_serves(teacher, request)  # a teacher that cannot give the objective's signal: one line, nothing written
-    m = Models(student, tok, teacher, eos, pad, masked)
+    try:  # a teacher may hold a server it started: stopped however the run ends
+        request = TeacherRequest.for_objective(cfg.objective, chunk_size=cfg.teacher.score_chunk_size)
+        check_serves(teacher, request)  # a teacher that cannot give the objective's signal: one line, nothing written
+        return _train(cfg, source, Models(student, tok, teacher, eos, pad, masked), request)
+    finally:
+        teacher.close()
+
+
+def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: TeacherRequest) -> dict:
+    student, tok, teacher = m.student, m.tokenizer, m.teacher
+    eos, pad, masked = m.eos_ids, m.pad_id, m.masked_ids
     chash = config_hash(cfg, exclude=RESUMABLE_KNOBS)
     run_dir = prepare_run_dir(cfg.run_dir, chash, resume=cfg.resume, overwrite=cfg.overwrite, config=cfg,
                               exclude=RESUMABLE_KNOBS)
@@ -318,7 +326,7 @@ def train(cfg: TrainConfig) -> dict:
                 "response_length/max": int(batch.response_lengths_B.max()),
                 "finished_frac": batch.finished_B.double().mean().item(),
                 "prompts_too_long": report["n_too_long"], "teacher_tokens": teacher_tokens,
-                "skipped_total": skipped_total,
+                "skipped_total": skipped_total, **teacher.stats(),
                 "lr": sched.get_last_lr()[0], "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
                 "tokens_per_s/generate": n_gen / max(t1 - t0, 1e-9), "tokens_per_s/score": n_gen / max(t2 - t1, 1e-9),
                 "tokens_per_s/update": n_gen * cfg.optim.ppo_epochs / max(t3 - t2, 1e-9),

@@ -87,11 +87,42 @@ def build_teacher(cfg, student, tok, frozen=None, *, pad_token_id: int):
     from opdkit.teacher import HFTeacher, SelfTeacher
 
     t = cfg.teacher
+    if t.backend == "server":
+        return server_teacher(cfg, tok)
     if t.backend in ("self", "self_live"):
         model = frozen if t.backend == "self" else student
         return SelfTeacher(model, tok, t.privileged_template, live=t.backend == "self_live",
                            pad_token_id=pad_token_id, use_chat_template=cfg.data.use_chat_template)
     return HFTeacher(load_teacher_model(t.model, cfg.model, t, student, tok), name=t.model)
+
+
+def server_teacher(cfg, tok, url: str | None = None):
+    """A vLLM teacher server (teacher.server): connected to, or launched on 127.0.0.1 for teacher.model; its
+    tokenizer checked against the student's `tok`."""
+    from opdkit.teacher.server import LaunchedServer, ServerTeacher
+
+    s = cfg.teacher.server
+    launched = None
+    if url is None and s.launch:
+        model_path = resolve_model_spec(cfg.teacher.model)
+        if model_path.endswith(".gguf") or not Path(model_path).is_dir():
+            raise UserError(f"teacher.server.launch serves a HF model directory; teacher.model={cfg.teacher.model} "
+                            "is not one (a .gguf teacher: dequantise it once with `opdkit eval` and serve the cached "
+                            "dir, or start vllm yourself)")
+        dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[resolve_dtype(cfg.teacher.dtype)]
+        launched = LaunchedServer(model_path, python=s.python, dtype=dtype, max_logprobs=s.max_logprobs,
+                                  kv_cache_gib=s.kv_cache_gib, extra_args=s.launch_args,
+                                  startup_timeout_s=s.startup_timeout_s)
+        url = launched.url
+    try:
+        teacher = ServerTeacher(url or s.url, s.model, timeout_s=s.timeout_s, retries=s.retries,
+                                concurrency=s.concurrency, rows_per_request=s.rows_per_request, launched=launched)
+        teacher.check_tokenizer(tok)
+    except BaseException:
+        if launched is not None:
+            launched.stop()
+        raise
+    return teacher
 
 
 def maybe_lora(model, mcfg):
