@@ -34,6 +34,15 @@ def _in_range(name: str, value: float, lo: float, hi: float, lo_open: bool = Fal
         raise ValueError(f"objective.{name}={value!r} must be a number in {lb}{lo}, {hi}{rb}")
 
 
+# Knobs that switch on a method only one estimator runs, with the value that leaves it off. Any other value with
+# another estimator is refused (it would be silently ignored). Numeric parameters of those methods (power_a,
+# clip_low/high, log_ratio_bound, eps_low/high, top_k) are not: like alpha with divergence != alpha, they
+# are inert until their method is on.
+SAMPLED_ONLY = {"gradient": "stopgrad", "reward": "divergence", "transform": "none", "pg": "reinforce",
+                "gamma": 0.0}
+TOPK_ONLY = {"topk_tail": False, "topk_include_sampled": False}
+
+
 @dataclass
 class ObjectiveConfig:
     # 1. divergence D(p || q) per position, p = student, q = teacher, written as an f-divergence
@@ -89,7 +98,8 @@ class ObjectiveConfig:
     )
     # 4. credit assignment
     gamma: float = h(
-        "discount in [0, 1] for the reward-to-go: 0 = token-level (each token its own reward), 1 = sequence-level",
+        "sampled only: discount in [0, 1] for the reward-to-go: 0 = token-level (each token its own reward), "
+        "1 = sequence-level (topk/full take the exact per-position divergence: token-level)",
         default=0.0,
     )
     # 5. policy-gradient form
@@ -143,6 +153,7 @@ class ObjectiveConfig:
             raise ValueError(f"objective.top_k={self.top_k!r} must be an integer >= 1 (and <= vocab size)")
         if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
             raise ValueError(f"objective.chunk_size={self.chunk_size!r} must be an integer >= 1")
+        self._refuse_ignored_knobs()
         if self.reward == "power" and (self.divergence != "reverse_kl" or self.gradient != "stopgrad"):
             raise ValueError(
                 "objective.reward='power' is PowerOPD's reverse-KL reward q^a - p^a (stop-gradient, eq. 4): set "
@@ -153,6 +164,25 @@ class ObjectiveConfig:
                 "objective.entropy_source='teacher' needs estimator topk or full (a sampled teacher signal has no "
                 "entropy); use entropy_source=student"
             )
+
+    def _refuse_ignored_knobs(self) -> None:
+        """A knob that switches on a method the chosen estimator does not run is refused, not ignored."""
+        if self.estimator != "sampled":
+            for name, off in SAMPLED_ONLY.items():
+                if getattr(self, name) != off:
+                    what = ("token-level credit: the exact per-position divergence" if name == "gamma"
+                            else "the exact divergence, with no reward, advantage or policy-gradient form")
+                    raise ValueError(
+                        f"objective.{name}={getattr(self, name)!r} applies to the sampled estimator only "
+                        f"(objective.estimator={self.estimator} uses {what}); add objective.estimator=sampled, or "
+                        f"leave objective.{name} at {off!r}")
+        if self.estimator != "topk":
+            for name, off in TOPK_ONLY.items():
+                if getattr(self, name) != off:
+                    raise ValueError(
+                        f"objective.{name}={getattr(self, name)!r} applies to the topk estimator only "
+                        f"(objective.estimator={self.estimator} has no top-K support); add objective.estimator=topk, "
+                        f"or leave objective.{name} at {off!r}")
 
     @property
     def teacher_signal(self) -> str:

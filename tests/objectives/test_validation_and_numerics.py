@@ -22,10 +22,25 @@ from tests.objectives.helpers import random_problem, signal_for
     ({"reward": "power", "divergence": "forward_kl"}, "reward"),
     ({"entropy_source": "teacher", "entropy_keep_fraction": 0.5}, "entropy_source"),
     ({"beta": float("nan")}, "beta"),
+    # knobs the estimator would ignore are refused, not ignored
+    ({"estimator": "full", "gamma": 1.0}, "gamma"), ({"estimator": "topk", "gamma": 0.5}, "gamma"),
+    ({"estimator": "full", "pg": "ppo"}, "pg"), ({"estimator": "topk", "gradient": "corrected"}, "gradient"),
+    ({"estimator": "full", "reward": "power"}, "reward"), ({"estimator": "full", "transform": "tanh"}, "transform"),
+    ({"topk_tail": True}, "topk_tail"), ({"estimator": "full", "topk_include_sampled": True}, "topk_include_sampled"),
 ])
 def test_invalid_config_names_the_field(kw, field):
     with pytest.raises(ValueError, match=rf"objective\.{field}"):
         ObjectiveConfig(**kw)
+
+
+def test_ignored_knob_message_names_the_fix():
+    with pytest.raises(ValueError, match=r"objective\.gamma=1\.0 applies to the sampled estimator only.*"
+                                         r"add objective\.estimator=sampled"):
+        ObjectiveConfig(estimator="full", gamma=1.0)
+    # the parameters of a method stay settable (inert until it is on), and every default is accepted
+    ObjectiveConfig(estimator="full", power_a=2.0, eps_high=0.3, log_ratio_bound=20.0, top_k=32)
+    for est in ("sampled", "topk", "full"):
+        ObjectiveConfig(estimator=est)
 
 
 def test_unknown_name_lists_allowed_values():
