@@ -41,6 +41,10 @@ def _in_range(name: str, value: float, lo: float, hi: float, lo_open: bool = Fal
 SAMPLED_ONLY = {"gradient": "stopgrad", "reward": "divergence", "transform": "none", "pg": "reinforce",
                 "gamma": 0.0}
 TOPK_ONLY = {"topk_tail": False, "topk_include_sampled": False}
+# Alpha-divergence values this close to 0 or 1 are refused (see ObjectiveConfig.__post_init__).
+ALPHA_LIMIT_GAP = 1e-3
+TASK_REWARD_COEF_MAX = 1e3
+CLIP_BOUND_MAX = 1e6
 
 
 @dataclass
@@ -92,8 +96,9 @@ class ObjectiveConfig:
     clip_low: float = h("clip transform: lower bound (PowerOPD used -1)", default=-1.0)
     clip_high: float = h("clip transform: upper bound (PowerOPD used 1)", default=1.0)
     log_ratio_bound: float = h(
-        "numerical guard: |log q - log p| is clamped to this before computing u = q/p in sampled rewards "
-        "(a teacher log-prob of -inf gives a finite reward); far beyond real log-ratios",
+        "numerical guard: |log q - log p| is clamped to this in sampled rewards (a teacher log-prob of -inf gives a "
+        "finite reward); far beyond real log-ratios. Rewards that grow exponentially in log u (forward_kl, jsd/tv "
+        "stop-grad, alpha) also saturate where their exponent reaches 50 (|reward| <~ 3e23), finite in float32",
         default=50.0,
     )
     # 4. credit assignment
@@ -123,7 +128,7 @@ class ObjectiveConfig:
     # 8. task reward (OPD-RL hybrid)
     task_reward_coef: float = h(
         "coefficient of the per-sequence task reward added to every valid token's advantage (sampled), or "
-        "as a REINFORCE term on the sequence log-prob (topk/full); 0 disables",
+        "as a REINFORCE term on the sequence log-prob (topk/full); 0 disables; |coef| <= 1000",
         default=0.0,
     )
 
@@ -138,15 +143,35 @@ class ObjectiveConfig:
         _choice("aggregation", self.aggregation, AGGREGATIONS)
         _in_range("beta", self.beta, 0.0, 1.0)
         _in_range("alpha", self.alpha, -1e6, 1e6)
+        # (the 1e-12 slack lets the typed 1.001 and 0.999 through: 1.001 - 1 rounds below 1e-3)
+        if self.alpha not in (0.0, 1.0) and min(abs(self.alpha), abs(self.alpha - 1.0)) < ALPHA_LIMIT_GAP - 1e-12:
+            limit = 0.0 if abs(self.alpha) < ALPHA_LIMIT_GAP else 1.0
+            raise ValueError(
+                f"objective.alpha={self.alpha!r} is within {ALPHA_LIMIT_GAP} of {limit:g}: there the form "
+                f"(u^alpha - 1 - alpha (u - 1)) / (alpha (alpha - 1)) cancels catastrophically (float32 rounding "
+                f"amplified ~1/|alpha (alpha - 1)|, non-finite below ~1e-38) while the divergence differs from its "
+                f"limit by O({ALPHA_LIMIT_GAP}); set objective.alpha={limit:g} (computed in exact closed form)")
         _in_range("power_a", self.power_a, 0.0, math.inf, lo_open=True, hi_open=True)
         _in_range("gamma", self.gamma, 0.0, 1.0)
         _in_range("eps_low", self.eps_low, 0.0, 1.0, hi_open=True)
         _in_range("eps_high", self.eps_high, 0.0, math.inf, hi_open=True)
         _in_range("entropy_keep_fraction", self.entropy_keep_fraction, 0.0, 1.0, lo_open=True)
         _in_range("log_ratio_bound", self.log_ratio_bound, 0.0, 700.0, lo_open=True)
-        _in_range("task_reward_coef", self.task_reward_coef, -math.inf, math.inf, lo_open=True, hi_open=True)
-        _in_range("clip_low", self.clip_low, -math.inf, math.inf, lo_open=True, hi_open=True)
-        _in_range("clip_high", self.clip_high, -math.inf, math.inf, lo_open=True, hi_open=True)
+        if not (isinstance(self.task_reward_coef, (int, float)) and not isinstance(self.task_reward_coef, bool)
+                and math.isfinite(self.task_reward_coef) and abs(self.task_reward_coef) <= TASK_REWARD_COEF_MAX):
+            raise ValueError(
+                f"objective.task_reward_coef={self.task_reward_coef!r} must be a number in [-{TASK_REWARD_COEF_MAX:g}, "
+                f"{TASK_REWARD_COEF_MAX:g}]: coef x task reward is added to every advantage, and a larger coefficient "
+                f"only rescales the learning rate until coef x reward x log p overflows float32")
+        for name in ("clip_low", "clip_high"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    and abs(v) <= CLIP_BOUND_MAX):
+                raise ValueError(
+                    f"objective.{name}={v!r} must be a number in [-{CLIP_BOUND_MAX:g}, {CLIP_BOUND_MAX:g}]: a clip "
+                    f"bound is a reward value (log-ratios are at most log_ratio_bound <= 700), and a bound far "
+                    f"beyond that clips nothing, or, with both bounds on one side, becomes a reward that overflows "
+                    f"float32 in reward x log p")
         if self.clip_low >= self.clip_high:
             raise ValueError(f"objective.clip_low={self.clip_low} must be below objective.clip_high={self.clip_high}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:

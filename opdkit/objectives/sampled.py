@@ -6,6 +6,8 @@ rewards and advantages carry no gradient (they multiply grad log p, REINFORCE / 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -110,6 +112,8 @@ def pg_token_loss(cfg: ObjectiveConfig, logprobs_BT: Tensor, advantages_BT: Tens
                                                                                 _MAX_LOG_IMPORTANCE)
     ratio = torch.exp(diff)
     unclipped = ratio * adv
-    clipped = ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high) * adv
+    # ratio <= e^20, so an upper clip above that is no clip; capping it keeps 1 + eps_high representable (float32).
+    hi = min(1.0 + cfg.eps_high, math.exp(_MAX_LOG_IMPORTANCE))
+    clipped = ratio.clamp(1.0 - cfg.eps_low, hi) * adv
     use_clipped = clipped < unclipped
     return -torch.where(use_clipped, clipped, unclipped), use_clipped

@@ -22,6 +22,10 @@ from tests.objectives.helpers import random_problem, signal_for
     ({"reward": "power", "divergence": "forward_kl"}, "reward"),
     ({"entropy_source": "teacher", "entropy_keep_fraction": 0.5}, "entropy_source"),
     ({"beta": float("nan")}, "beta"),
+    # numeric ranges narrowed to what is finite / meaningful (the message says why)
+    ({"alpha": 1e-9}, "alpha"), ({"alpha": 1 + 1e-9}, "alpha"), ({"alpha": -5e-4}, "alpha"),
+    ({"task_reward_coef": 1e4}, "task_reward_coef"),
+    ({"clip_low": -1e7}, "clip_low"), ({"clip_high": 1e300}, "clip_high"), ({"log_ratio_bound": 701.0}, "log_ratio_bound"),
     # knobs the estimator would ignore are refused, not ignored
     ({"estimator": "full", "gamma": 1.0}, "gamma"), ({"estimator": "topk", "gamma": 0.5}, "gamma"),
     ({"estimator": "full", "pg": "ppo"}, "pg"), ({"estimator": "topk", "gradient": "corrected"}, "gradient"),
@@ -102,6 +106,21 @@ def _all_configs():
                     alpha=2.0))
     out.append(dict(estimator="sampled", entropy_keep_fraction=0.3, aggregation="seq_mean_token_mean",
                     task_reward_coef=0.5))
+    # Issue #14's extremes: alpha |alpha| >= 2 (inf in float32) and >= 100 (float64), log_ratio_bound up to 700,
+    # z-score + PPO; and the ends of every other accepted range.
+    for a, grad in itertools.product((-1e6, -100.0, -2.0, 2.0, 100.0, 1e6), ("stopgrad", "corrected")):
+        out.append(dict(divergence="alpha", alpha=a, gradient=grad, log_ratio_bound=700.0))
+    for div, grad in itertools.product(("forward_kl", "jsd", "tv", "reverse_kl"), ("stopgrad", "corrected")):
+        out.append(dict(divergence=div, gradient=grad, log_ratio_bound=700.0, gamma=1.0))
+    out.append(dict(divergence="forward_kl", log_ratio_bound=700.0, transform="zscore", pg="ppo", eps_high=1e300))
+    out.append(dict(divergence="jsd", beta=1e-300, log_ratio_bound=700.0, transform="zscore", pg="ppo"))
+    out.append(dict(transform="signmaxabs", divergence="forward_kl", log_ratio_bound=700.0, gamma=0.99))
+    out.append(dict(transform="clip", clip_low=-1e6, clip_high=-1e5, pg="ppo", task_reward_coef=-1e3))
+    out.append(dict(reward="power", power_a=1e300, transform="zscore"))
+    out.append(dict(reward="power", power_a=1e-300, transform="signmaxabs"))
+    for a in (-1e6, 1e-3, 1.001, 1e6):
+        out.append(dict(estimator="full", divergence="alpha", alpha=a, task_reward_coef=1e3))
+        out.append(dict(estimator="topk", divergence="alpha", alpha=a, topk_tail=True))
     return out
 
 
@@ -156,6 +175,7 @@ def test_every_combination_on_extreme_inputs(cfg_kw):
     teacher[..., 2] = float("-inf")
     tokens = torch.tensor([[2, 1, 0, 2], [1, 2, 3, 4]])
     mask = torch.tensor([[True, True, True, True], [False, False, False, False]])
-    _finite_everything(cfg_kw, logits, teacher, tokens, mask)
-    _finite_everything(cfg_kw, logits[:0], teacher[:0], tokens[:0], mask[:0])  # empty batch
-    _finite_everything(cfg_kw, logits, teacher, tokens, torch.zeros_like(mask))  # nothing valid
+    for dtype in (torch.float32, torch.float64):
+        _finite_everything(cfg_kw, logits, teacher, tokens, mask, dtype=dtype)
+        _finite_everything(cfg_kw, logits[:0], teacher[:0], tokens[:0], mask[:0], dtype=dtype)  # empty batch
+        _finite_everything(cfg_kw, logits, teacher, tokens, torch.zeros_like(mask), dtype=dtype)  # nothing valid
