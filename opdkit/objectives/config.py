@@ -18,6 +18,8 @@ REWARDS = ("divergence", "power")
 TRANSFORMS = ("none", "clip", "tanh", "zscore", "signmaxabs")
 PG_FORMS = ("reinforce", "ppo")
 ENTROPY_SOURCES = ("student", "teacher")
+ENTROPY_SCOPES = ("batch", "sample")
+RETURNS_AT_MASK = ("carry", "restart")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "sum")
 
 
@@ -36,10 +38,10 @@ def _in_range(name: str, value: float, lo: float, hi: float, lo_open: bool = Fal
 
 # Knobs that switch on a method only one estimator runs, with the value that leaves it off. Any other value with
 # another estimator is refused (it would be silently ignored). Numeric parameters of those methods (power_a,
-# clip_low/high, log_ratio_bound, eps_low/high, top_k) are not: like alpha with divergence != alpha, they
+# clip_low/high, tanh_tau, log_ratio_bound, eps_low/high, top_k) are not: like alpha with divergence != alpha, they
 # are inert until their method is on.
 SAMPLED_ONLY = {"gradient": "stopgrad", "reward": "divergence", "transform": "none", "pg": "reinforce",
-                "gamma": 0.0}
+                "gamma": 0.0, "returns_at_mask": "carry"}
 TOPK_ONLY = {"topk_tail": False, "topk_include_sampled": False}
 # Alpha-divergence values this close to 0 or 1 are refused (see ObjectiveConfig.__post_init__).
 ALPHA_LIMIT_GAP = 1e-3
@@ -89,9 +91,16 @@ class ObjectiveConfig:
     )
     power_a: float = h("power reward exponent a > 0 (PowerOPD eq. 4); a -> 0 recovers a * log-ratio", default=1.0)
     transform: str = h(
-        "sampled only, applied to the reward after the map: none, clip (to [clip_low, clip_high]), tanh, zscore "
-        "(over the valid tokens of the batch), signmaxabs (divide by the batch's max |reward|)",
+        "sampled only, applied to the reward after the map: none, clip (to [clip_low, clip_high]), tanh "
+        "(tanh(r / tanh_tau)), zscore (over the valid tokens of the batch), signmaxabs (PowerOPD's sign_max_abs: "
+        "positive rewards divided by the batch's largest positive one, negative ones by the largest |negative|)",
         default="none",
+    )
+    tanh_tau: float = h(
+        "tanh transform: temperature tau in tanh(r / tau). The PowerOPD authors' Tanh baseline uses tau = 5 "
+        "(log_reward_tanh_temperature); the default 1 keeps opdkit's earlier tanh(r), with which docs/results.md "
+        "was measured",
+        default=1.0,
     )
     clip_low: float = h("clip transform: lower bound (PowerOPD used -1)", default=-1.0)
     clip_high: float = h("clip transform: upper bound (PowerOPD used 1)", default=1.0)
@@ -107,6 +116,12 @@ class ObjectiveConfig:
         "1 = sequence-level (topk/full take the exact per-position divergence: token-level)",
         default=0.0,
     )
+    returns_at_mask: str = h(
+        "sampled, gamma > 0: what the reward-to-go does at a masked position inside a sequence: carry (it gives 0 "
+        "reward and the return runs through it, discounted one step) or restart (the return is cut there, as in "
+        "Revisiting OPD's code, which resets its running return where the response mask is 0)",
+        default="carry",
+    )
     # 5. policy-gradient form
     pg: str = h(
         "sampled only: reinforce (-A * log p) or ppo (clipped importance ratio p/p_old, several epochs per rollout)",
@@ -119,6 +134,12 @@ class ObjectiveConfig:
         "keep only this fraction of the valid tokens with the highest entropy (1.0 keeps all)", default=1.0
     )
     entropy_source: str = h("whose entropy ranks tokens: student or teacher (teacher needs topk or full)", default="student")
+    entropy_scope: str = h(
+        "where entropy_keep_fraction is taken: batch (the top ceil(f * n) of all valid tokens of the batch) or "
+        "sample (each sequence keeps its top max(1, floor(f * n_b)) valid tokens: Revisiting OPD's "
+        "entropy_top_ratio, which is per sample)",
+        default="batch",
+    )
     # 7. aggregation
     aggregation: str = h(
         "token_mean (sum / global token count), seq_mean_token_mean (mean over sequences of per-sequence token "
@@ -140,6 +161,8 @@ class ObjectiveConfig:
         _choice("transform", self.transform, TRANSFORMS)
         _choice("pg", self.pg, PG_FORMS)
         _choice("entropy_source", self.entropy_source, ENTROPY_SOURCES)
+        _choice("entropy_scope", self.entropy_scope, ENTROPY_SCOPES)
+        _choice("returns_at_mask", self.returns_at_mask, RETURNS_AT_MASK)
         _choice("aggregation", self.aggregation, AGGREGATIONS)
         _in_range("beta", self.beta, 0.0, 1.0)
         _in_range("alpha", self.alpha, -1e6, 1e6)
@@ -151,6 +174,7 @@ class ObjectiveConfig:
                 f"(u^alpha - 1 - alpha (u - 1)) / (alpha (alpha - 1)) cancels catastrophically (float32 rounding "
                 f"amplified ~1/|alpha (alpha - 1)|, non-finite below ~1e-38) while the divergence differs from its "
                 f"limit by O({ALPHA_LIMIT_GAP}); set objective.alpha={limit:g} (computed in exact closed form)")
+        _in_range("tanh_tau", self.tanh_tau, 0.0, math.inf, lo_open=True, hi_open=True)
         _in_range("power_a", self.power_a, 0.0, math.inf, lo_open=True, hi_open=True)
         _in_range("gamma", self.gamma, 0.0, 1.0)
         _in_range("eps_low", self.eps_low, 0.0, 1.0, hi_open=True)

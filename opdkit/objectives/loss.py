@@ -245,7 +245,7 @@ def compute_advantages(cfg: ObjectiveConfig, student_logprobs_BT: Tensor, teache
     m = mask_BT.bool()
     reward = S.token_rewards(cfg, div, student_logprobs_BT, teacher_logprobs_BT)
     transformed = S.transform_rewards(cfg, reward, m)
-    adv = S.discounted_returns(transformed, m, cfg.gamma)
+    adv = S.discounted_returns(transformed, m, cfg.gamma, cfg.returns_at_mask)
     if task_rewards_B is not None and cfg.task_reward_coef != 0.0:
         adv = adv + cfg.task_reward_coef * task_rewards_B.detach().double()[:, None] * m
     lr = S.log_ratio(student_logprobs_BT, teacher_logprobs_BT, cfg.log_ratio_bound)
@@ -289,7 +289,8 @@ def opd_per_token_loss(cfg: ObjectiveConfig, *, tokens_BT: Tensor, mask_BT: Tens
     logp = cols["logp"]
     _check_student_rows(src, logp, cols["ent_s"], mask)
 
-    keep = S.select_by_entropy(cols["ent_t"] if select_teacher else cols["ent_s"], mask, cfg.entropy_keep_fraction)
+    keep = S.select_by_entropy(cols["ent_t"] if select_teacher else cols["ent_s"], mask, cfg.entropy_keep_fraction,
+                               cfg.entropy_scope)
     metrics: dict = {"masked_frac": 1.0 - (mask.sum().item() / max(mask.numel(), 1)),
                      "selected_frac": keep.sum().item() / max(mask.sum().item(), 1),
                      "num_tokens": int(keep.sum().item()),

@@ -24,12 +24,14 @@ from tests.objectives.helpers import DT, random_problem, signal_for
     ({"beta": float("nan")}, "beta"),
     # numeric ranges narrowed to what is finite / meaningful (the message says why)
     ({"alpha": 1e-9}, "alpha"), ({"alpha": 1 + 1e-9}, "alpha"), ({"alpha": -5e-4}, "alpha"),
-    ({"task_reward_coef": 1e4}, "task_reward_coef"),
+    ({"tanh_tau": 0.0}, "tanh_tau"), ({"task_reward_coef": 1e4}, "task_reward_coef"),
     ({"clip_low": -1e7}, "clip_low"), ({"clip_high": 1e300}, "clip_high"), ({"log_ratio_bound": 701.0}, "log_ratio_bound"),
+    ({"entropy_scope": "token"}, "entropy_scope"), ({"returns_at_mask": "reset"}, "returns_at_mask"),
     # knobs the estimator would ignore are refused, not ignored
     ({"estimator": "full", "gamma": 1.0}, "gamma"), ({"estimator": "topk", "gamma": 0.5}, "gamma"),
     ({"estimator": "full", "pg": "ppo"}, "pg"), ({"estimator": "topk", "gradient": "corrected"}, "gradient"),
     ({"estimator": "full", "reward": "power"}, "reward"), ({"estimator": "full", "transform": "tanh"}, "transform"),
+    ({"estimator": "full", "returns_at_mask": "restart"}, "returns_at_mask"),
     ({"topk_tail": True}, "topk_tail"), ({"estimator": "full", "topk_include_sampled": True}, "topk_include_sampled"),
 ])
 def test_invalid_config_names_the_field(kw, field):
@@ -42,7 +44,7 @@ def test_ignored_knob_message_names_the_fix():
                                          r"add objective\.estimator=sampled"):
         ObjectiveConfig(estimator="full", gamma=1.0)
     # the parameters of a method stay settable (inert until it is on), and every default is accepted
-    ObjectiveConfig(estimator="full", power_a=2.0, eps_high=0.3, log_ratio_bound=20.0, top_k=32)
+    ObjectiveConfig(estimator="full", power_a=2.0, tanh_tau=5.0, eps_high=0.3, log_ratio_bound=20.0, top_k=32)
     for est in ("sampled", "topk", "full"):
         ObjectiveConfig(estimator=est)
 
@@ -256,10 +258,12 @@ def _all_configs():
         out.append(dict(divergence=div, gradient=grad, log_ratio_bound=700.0, gamma=1.0))
     out.append(dict(divergence="forward_kl", log_ratio_bound=700.0, transform="zscore", pg="ppo", eps_high=1e300))
     out.append(dict(divergence="jsd", beta=1e-300, log_ratio_bound=700.0, transform="zscore", pg="ppo"))
+    out.append(dict(transform="tanh", tanh_tau=1e-300, gamma=1.0, returns_at_mask="restart"))
     out.append(dict(transform="signmaxabs", divergence="forward_kl", log_ratio_bound=700.0, gamma=0.99))
     out.append(dict(transform="clip", clip_low=-1e6, clip_high=-1e5, pg="ppo", task_reward_coef=-1e3))
     out.append(dict(reward="power", power_a=1e300, transform="zscore"))
     out.append(dict(reward="power", power_a=1e-300, transform="signmaxabs"))
+    out.append(dict(estimator="topk", entropy_keep_fraction=0.2, entropy_scope="sample", topk_include_sampled=True))
     for a in (-1e6, 1e-3, 1.001, 1e6):
         out.append(dict(estimator="full", divergence="alpha", alpha=a, task_reward_coef=1e3))
         out.append(dict(estimator="topk", divergence="alpha", alpha=a, topk_tail=True))
