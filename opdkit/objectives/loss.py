@@ -59,6 +59,14 @@ def _finite(name: str, t: Tensor) -> None:
             raise ValueError(f"{name} holds NaN or inf values (min {lo.item()}, max {hi.item()}); it must be finite")
 
 
+def _task_rewards(t: Tensor) -> None:
+    """Per-sequence task rewards: finite numbers; integer / bool tensors (0/1 correctness) are fine as they are."""
+    if t.is_complex():
+        raise ValueError(f"task_rewards_B must hold real numbers, got {t.dtype}")
+    if torch.is_floating_point(t):
+        _finite("task_rewards_B", t)
+
+
 def _logprobs(name: str, t: Tensor) -> None:
     """Log-probabilities: floating point, no NaN, <= 0 (-inf = probability 0 is allowed), at every position
     (masked ones included: fill padding with 0 or -inf)."""
@@ -174,7 +182,7 @@ def _check_inputs(cfg: ObjectiveConfig, src: StudentSource, tokens_BT: Tensor, m
     if advantages_BT is not None:
         _finite("advantages_BT", advantages_BT)
     if task_rewards_B is not None:
-        _finite("task_rewards_B", task_rewards_B)
+        _task_rewards(task_rewards_B)
     if advantages_BT is not None and cfg.estimator != "sampled":
         raise ValueError("advantages_BT applies to objective.estimator=sampled only")
 
@@ -241,7 +249,7 @@ def compute_advantages(cfg: ObjectiveConfig, student_logprobs_BT: Tensor, teache
         if tuple(task_rewards_B.shape) != tuple(mask_BT.shape[:1]):
             raise ValueError(f"task_rewards_B has shape {tuple(task_rewards_B.shape)}, expected "
                              f"{tuple(mask_BT.shape[:1])}")
-        _finite("task_rewards_B", task_rewards_B)
+        _task_rewards(task_rewards_B)
     m = mask_BT.bool()
     reward = S.token_rewards(cfg, div, student_logprobs_BT, teacher_logprobs_BT)
     transformed = S.transform_rewards(cfg, reward, m)

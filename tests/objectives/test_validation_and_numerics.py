@@ -210,6 +210,15 @@ def test_padding_as_the_teacher_fills_it_is_accepted():
     assert torch.isfinite(loss)
 
 
+def test_integer_task_rewards_are_accepted():
+    logits, teacher, tokens, mask = _sig_inputs()
+    sig = SampledSignal(teacher.gather(-1, tokens[..., None]).squeeze(-1))
+    for R in (torch.tensor([1, 0]), torch.tensor([True, False])):
+        loss, m = opd_loss(ObjectiveConfig(task_reward_coef=0.5), tokens_BT=tokens, mask_BT=mask, teacher=sig,
+                           logits_BTV=logits, task_rewards_B=R)
+        assert torch.isfinite(loss) and m["task_reward/mean"] == 0.5
+
+
 def test_compute_advantages_validates_its_log_probs():
     lp = torch.log(torch.tensor([[0.5, 0.2]], dtype=DT))
     m = torch.ones(1, 2, dtype=torch.bool)
