@@ -4,10 +4,13 @@ PowerOPD (seeds/004; EIT-NLP/PowerOPD opd_dynamics/trainer.py): tanh(r / tau) wi
 sign_max_abs normalisation per sign. Revisiting OPD (seeds/003, 001; hhh675597/revisiting_opd): teacher top-K on
 the union of the top-K and the sampled token ("tail sampling" with norm_to_one_for_kl), K = 32, entropy selection
 per sample (ray_trainer_multitask._compute_entropy_top_mask), and a discounted return that restarts at masked
-positions (core_algos.compute_opd_advantage).
+positions (core_algos.compute_opd_advantage). The docs' method -> configuration table is checked to parse into
+accepted configurations naming these.
 """
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from opdkit.objectives import ObjectiveConfig, TopKSignal, opd_loss, opd_per_tok
 from opdkit.objectives.sampled import discounted_returns, select_by_entropy, transform_rewards
 
 DT = torch.float64
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------- PowerOPD: tanh tau
@@ -145,3 +149,64 @@ def test_returns_at_mask_is_sampled_only_and_validated():
         ObjectiveConfig(estimator="full", returns_at_mask="restart")
     with pytest.raises(ValueError, match=r"objective\.entropy_scope"):
         ObjectiveConfig(entropy_scope="sequence")
+
+
+# ------------------------------------------------------------------------ docs: method -> configuration table
+def _table_rows():
+    text = (ROOT / "docs" / "objectives.md").read_text()
+    section = text.split("## Seed methods → configuration", 1)[1]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith("| method") and not line.startswith("|--"):
+            method, conf = [c.strip() for c in line.strip().strip("|").split("|")[:2]]
+            rows[method] = conf
+    return rows
+
+
+def _configs_in(cell: str) -> list[dict]:
+    """Every opdkit `key=value ...` code span of a table cell, parsed ('defaults +' cells start from the defaults).
+    Spans whose first key is neither an ObjectiveConfig field nor rollout.* quote the authors' own flags."""
+    out = []
+    fields = ObjectiveConfig.__dataclass_fields__
+    for span in re.findall(r"`([^`]*=[^`]*)`", cell):
+        first = span.split()[0].split("=", 1)[0]
+        if first not in fields and not first.startswith("rollout."):
+            continue
+        kw = {}
+        for tok in span.split():
+            k, v = tok.split("=", 1)
+            kw[k] = {"true": True, "false": False}.get(v, v)
+            for cast in (int, float):
+                try:
+                    kw[k] = cast(v)
+                    break
+                except ValueError:
+                    pass
+        out.append(kw)
+    return out
+
+
+def test_every_table_configuration_is_accepted():
+    rows = _table_rows()
+    assert len(rows) >= 10
+    n = 0
+    for method, cell in rows.items():
+        for kw in _configs_in(cell):
+            objective = {k: v for k, v in kw.items() if not k.startswith("rollout.")}
+            ObjectiveConfig(**objective)  # raises on a knob the estimator would ignore, or a bad value
+            n += 1
+    assert n >= 12
+
+
+def test_table_matches_the_authors_code():
+    rows = _table_rows()
+    (topk,) = [c for m, c in rows.items() if "top-K local support" in m]
+    recipe, tail = [k for k in _configs_in(topk) if k.get("estimator") == "topk"]
+    assert recipe["top_k"] == 32 and recipe["divergence"] == "reverse_kl" and "topk_tail" not in recipe
+    assert recipe["entropy_keep_fraction"] == 0.2 and recipe["entropy_scope"] == "sample"
+    assert tail["top_k"] == 32 and tail["topk_include_sampled"] is True  # their tail-sampling option
+    assert "rollout.top_p=0.9" in topk
+    (seq,) = [c for m, c in rows.items() if m.startswith("Sequence-level OPD")]
+    assert "gamma=1" in seq and "returns_at_mask=restart" in seq
+    (post,) = [c for m, c in rows.items() if "Post-hoc baselines of PowerOPD" in m]
+    assert "transform=tanh tanh_tau=5" in post and "transform=signmaxabs" in post
