@@ -51,10 +51,21 @@ def test_section_factory_defaults_survive_overrides(tmp_path: Path) -> None:
     c = load_config(Outer, None, ["objective.divergence=forward_kl"])
     assert (c.objective.estimator, c.objective.top_k, c.objective.divergence) == ("full", 8, "forward_kl")
     y = tmp_path / "o.yaml"
-    y.write_text("objective:\n  gamma: 0.5\n")
+    y.write_text("objective:\n  beta: 0.3\n")
     c = load_config(Outer, str(y), [])
-    assert (c.objective.estimator, c.objective.gamma) == ("full", 0.5)
+    assert (c.objective.estimator, c.objective.beta) == ("full", 0.3)
     assert load_config(Outer, None, ["objective.estimator=sampled"]).objective.estimator == "sampled"
+    # a sampled-only knob is refused by ObjectiveConfig on the full default, and accepted with the estimator in
+    # either order (the section is built once from all its keys)
+    with pytest.raises(UserError, match=r"objective\.gamma=0\.5 applies to the sampled estimator only.*add "
+                                        r"objective\.estimator=sampled"):
+        load_config(Outer, None, ["objective.gamma=0.5"])
+    for ov in (["objective.estimator=sampled", "objective.gradient=corrected", "objective.gamma=0.5"],
+               ["objective.gamma=0.5", "objective.gradient=corrected", "objective.estimator=sampled"]):
+        c = load_config(Outer, None, ov)
+        assert (c.objective.estimator, c.objective.gradient, c.objective.gamma) == ("sampled", "corrected", 0.5)
+    y.write_text("objective:\n  gradient: corrected\n")
+    assert load_config(Outer, str(y), ["objective.estimator=sampled"]).objective.gradient == "corrected"
     # --help and the generated knob tables show the same defaults
     assert "objective.estimator (str, default: full)" in help_text(Outer)
     assert "| `objective.estimator` | str | `full` |" in markdown_table(Outer)

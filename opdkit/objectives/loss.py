@@ -10,6 +10,7 @@ on the split) and pass them as `advantages_BT`; aggregate every micro-batch with
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +35,65 @@ def divergence_of(cfg: ObjectiveConfig) -> Divergence:
 
 
 # ----------------------------------------------------------------------------------------------- validation
+# Log-probabilities may exceed 0 by this much (rounding in other frameworks' kernels) before they are refused.
+_LOGPROB_TOL = 1e-4
+_INT_DTYPES = (torch.int64, torch.int32)
+
+
+def _norm_tol(dtype: torch.dtype) -> float:
+    """|logsumexp| allowed for log-probs that should be normalised: bf16/fp16 round each log-prob by ~2^-8."""
+    return 0.05 if dtype in (torch.float16, torch.bfloat16) else 0.01
+
+
+def _floating(name: str, t: Tensor) -> None:
+    if not torch.is_floating_point(t):
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _finite(name: str, t: Tensor) -> None:
+    """No NaN / +-inf anywhere (one reduction pass, no [B, T, V]-sized temporary)."""
+    _floating(name, t)
+    if t.numel():
+        lo, hi = torch.aminmax(t.detach())
+        if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
+            raise ValueError(f"{name} holds NaN or inf values (min {lo.item()}, max {hi.item()}); it must be finite")
+
+
+def _task_rewards(t: Tensor) -> None:
+    """Per-sequence task rewards: finite numbers; integer / bool tensors (0/1 correctness) are fine as they are."""
+    if t.is_complex():
+        raise ValueError(f"task_rewards_B must hold real numbers, got {t.dtype}")
+    if torch.is_floating_point(t):
+        _finite("task_rewards_B", t)
+
+
+def _logprobs(name: str, t: Tensor) -> None:
+    """Log-probabilities: floating point, no NaN, <= 0 (-inf = probability 0 is allowed), at every position
+    (masked ones included: fill padding with 0 or -inf)."""
+    _floating(name, t)
+    if t.numel():
+        lo, hi = torch.aminmax(t.detach())
+        if math.isnan(lo.item()) or math.isnan(hi.item()):
+            raise ValueError(f"{name} holds NaN values; log-probabilities must be <= 0 (-inf for probability 0)")
+        if hi.item() > _LOGPROB_TOL:
+            raise ValueError(f"{name} holds values up to {hi.item():.4g} > 0: these must be log-probabilities "
+                             f"(log_softmax output, <= 0; -inf for probability 0), not logits or probabilities")
+
+
+def _ids(name: str, t: Tensor, V: int) -> None:
+    if t.dtype not in _INT_DTYPES:
+        raise ValueError(f"{name} must be an integer tensor (int64 or int32), got {t.dtype}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= V):
+        raise ValueError(f"{name} has ids outside [0, {V}) (vocab size of the student)")
+
+
 def _check_inputs(cfg: ObjectiveConfig, src: StudentSource, tokens_BT: Tensor, mask_BT: Tensor,
                   teacher: TeacherSignal, old_logprobs_BT, task_rewards_B, advantages_BT) -> None:
+    """Shapes, dtypes and values of every input, before any compute; a ValueError names the argument.
+
+    Cheap by construction: [B, T] and [B, T, K] tensors are checked whole; a [B, T, V] tensor (full teacher
+    log-probs) in one reduction pass plus a logsumexp over the valid positions in chunks of `chunk_size`. The
+    student's logits are checked on the rows the loss computes anyway (`_check_student_rows`)."""
     if src.logits_BTV is None and (src.hidden_BTH is None or src.head_weight_VH is None):
         raise ValueError("student: give logits_BTV, or hidden_BTH together with lm_head_weight_VH")
     if src.logits_BTV is not None and src.logits_BTV.dim() != 3:
@@ -45,39 +103,101 @@ def _check_inputs(cfg: ObjectiveConfig, src: StudentSource, tokens_BT: Tensor, m
                 src.hidden_BTH.shape[-1] != src.head_weight_VH.shape[1]:
             raise ValueError(f"hidden_BTH [B, T, H] {tuple(src.hidden_BTH.shape)} and lm_head_weight_VH [V, H] "
                              f"{tuple(src.head_weight_VH.shape)} do not fit")
+        _floating("hidden_BTH", src.hidden_BTH)
+        _floating("lm_head_weight_VH", src.head_weight_VH)
+        if src.head_bias_V is not None:
+            _floating("lm_head_bias_V", src.head_bias_V)
+    else:
+        _floating("logits_BTV", src.logits_BTV)
+    if not (isinstance(src.temperature, (int, float)) and math.isfinite(src.temperature) and src.temperature > 0):
+        raise ValueError(f"temperature={src.temperature!r} must be a finite number > 0")
     B, T = src.shape_BT
     V = src.vocab_size
     for name, t in (("tokens_BT", tokens_BT), ("mask_BT", mask_BT)):
         if tuple(t.shape) != (B, T):
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected [B, T] = {(B, T)} from the student")
-    if tokens_BT.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"tokens_BT must be an integer tensor, got {tokens_BT.dtype}")
-    if tokens_BT.numel() and (int(tokens_BT.min()) < 0 or int(tokens_BT.max()) >= V):
-        raise ValueError(f"tokens_BT has ids outside [0, {V}) (vocab size of the student)")
+    _ids("tokens_BT", tokens_BT, V)
     if teacher.kind != cfg.teacher_signal:
         raise ValueError(f"teacher signal is {teacher.kind!r} but objective.estimator={cfg.estimator!r} needs "
                          f"{cfg.teacher_signal!r}")
     if tuple(teacher.shape_BT()) != (B, T):
         raise ValueError(f"teacher signal has [B, T] = {tuple(teacher.shape_BT())}, expected {(B, T)}")
+    valid = mask_BT.bool()
+    if isinstance(teacher, SampledSignal):
+        _logprobs("SampledSignal.logprobs_BT", teacher.logprobs_BT)
     if isinstance(teacher, TopKSignal):
         if cfg.top_k > V:
             raise ValueError(f"objective.top_k={cfg.top_k} must be <= the vocabulary size {V}")
         if tuple(teacher.logprobs_BTK.shape) != (B, T, cfg.top_k) or tuple(teacher.ids_BTK.shape) != (B, T, cfg.top_k):
             raise ValueError(f"top-K signal must be [B, T, K] = {(B, T, cfg.top_k)} (objective.top_k), got "
                              f"logprobs {tuple(teacher.logprobs_BTK.shape)} ids {tuple(teacher.ids_BTK.shape)}")
-        if teacher.ids_BTK.numel() and (int(teacher.ids_BTK.min()) < 0 or int(teacher.ids_BTK.max()) >= V):
-            raise ValueError(f"top-K ids outside [0, {V})")
         if cfg.topk_include_sampled and (teacher.sampled_logprobs_BT is None or
                                          tuple(teacher.sampled_logprobs_BT.shape) != (B, T)):
             raise ValueError("objective.topk_include_sampled=true needs TopKSignal.sampled_logprobs_BT of shape [B, T]")
-    if isinstance(teacher, FullSignal) and teacher.vocab_size() != V:
-        raise ValueError(f"full teacher signal has vocab {teacher.vocab_size()}, student has {V}")
+        if teacher.ids_BTK.dtype not in _INT_DTYPES:
+            raise ValueError(f"TopKSignal.ids_BTK must be an integer tensor (int64 or int32), got "
+                             f"{teacher.ids_BTK.dtype}")
+        if teacher.ids_BTK.numel() and (int(teacher.ids_BTK.min()) < 0 or int(teacher.ids_BTK.max()) >= V):
+            raise ValueError(f"top-K ids outside [0, {V})")
+        _logprobs("TopKSignal.logprobs_BTK", teacher.logprobs_BTK)
+        ids_NK, lp_NK = teacher.ids_BTK[valid], teacher.logprobs_BTK[valid]
+        if ids_NK.shape[-1] > 1 and bool((ids_NK.sort(-1).values.diff(dim=-1) == 0).any()):
+            raise ValueError("TopKSignal.ids_BTK repeats an id within a position's K ids (at a valid position): "
+                             "the support must be K distinct tokens (e.g. torch.topk's indices)")
+        tol = _norm_tol(lp_NK.dtype)
+        if lp_NK.numel() and float(torch.logsumexp(lp_NK.double(), -1).max()) > tol:
+            raise ValueError(f"TopKSignal.logprobs_BTK puts more than probability 1 on the top-K support at a valid "
+                             f"position (logsumexp > {tol}): give log-probs under the teacher's full distribution "
+                             f"(log_softmax over the vocabulary, then top-K), not logits")
+        if cfg.topk_include_sampled:
+            _logprobs("TopKSignal.sampled_logprobs_BT", teacher.sampled_logprobs_BT)
+    if isinstance(teacher, FullSignal):
+        if teacher.vocab_size() != V:
+            raise ValueError(f"full teacher signal has vocab {teacher.vocab_size()}, student has {V}")
+        if not (isinstance(teacher.temperature, (int, float)) and math.isfinite(teacher.temperature)
+                and teacher.temperature > 0):
+            raise ValueError(f"FullSignal.temperature={teacher.temperature!r} must be a finite number > 0")
+        if teacher.logprobs_BTV is not None:
+            _logprobs("FullSignal.logprobs_BTV", teacher.logprobs_BTV)
+            b_idx, t_idx = valid.nonzero(as_tuple=True)
+            tol = _norm_tol(teacher.logprobs_BTV.dtype)
+            for s in range(0, b_idx.numel(), cfg.chunk_size):
+                rows = teacher.logprobs_BTV[b_idx[s:s + cfg.chunk_size], t_idx[s:s + cfg.chunk_size]]
+                lse = torch.logsumexp(rows.detach().double(), -1).abs().max()
+                if not float(lse) <= tol:
+                    raise ValueError(f"FullSignal.logprobs_BTV is not normalised at a valid position (|logsumexp "
+                                     f"over the vocabulary| = {float(lse):.4g} > {tol}): give log_softmax output, "
+                                     f"not logits")
+        else:
+            _finite("FullSignal.hidden_BTH", teacher.hidden_BTH)
+            _finite("FullSignal.head_weight_VH", teacher.head_weight_VH)
+            if teacher.head_bias_V is not None:
+                _finite("FullSignal.head_bias_V", teacher.head_bias_V)
     for name, t, shape in (("old_logprobs_BT", old_logprobs_BT, (B, T)), ("advantages_BT", advantages_BT, (B, T)),
                            ("task_rewards_B", task_rewards_B, (B,))):
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+    if old_logprobs_BT is not None:
+        _logprobs("old_logprobs_BT", old_logprobs_BT)
+    if advantages_BT is not None:
+        _finite("advantages_BT", advantages_BT)
+    if task_rewards_B is not None:
+        _task_rewards(task_rewards_B)
     if advantages_BT is not None and cfg.estimator != "sampled":
         raise ValueError("advantages_BT applies to objective.estimator=sampled only")
+
+
+def _check_student_rows(src: StudentSource, logp_BT: Tensor, ent_BT: Tensor, mask_BT: Tensor) -> None:
+    """NaN / +inf student logits at a valid position make that row's entropy NaN, and a sampled token whose logit
+    is -inf has log-prob -inf: both are read off the [B, T] results of the pass the loss makes anyway (no extra
+    pass over [B, T, V]). Masked positions are never computed, so they are not checked."""
+    m = mask_BT.bool()
+    bad = m & ~(torch.isfinite(ent_BT.detach()) & torch.isfinite(logp_BT.detach()))
+    if bool(bad.any()):
+        b, t = (int(i) for i in bad.nonzero()[0])
+        name = "logits_BTV" if src.logits_BTV is not None else "hidden_BTH @ lm_head_weight_VH (the logits)"
+        raise ValueError(f"{name} at valid position (b={b}, t={t}) gives no finite distribution for the sampled "
+                         f"token (NaN or +inf logits, or the sampled token's logit is -inf); logits must be finite")
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -121,10 +241,19 @@ def compute_advantages(cfg: ObjectiveConfig, student_logprobs_BT: Tensor, teache
     reward (divergence advantage or PowerOPD) -> transform -> discounted reward-to-go (gamma) -> + coef * task
     reward on every valid token (an outcome reward with gamma = 1, GRPO-style broadcast)."""
     div = divergence or divergence_of(cfg)
+    for name, t in (("student_logprobs_BT", student_logprobs_BT), ("teacher_logprobs_BT", teacher_logprobs_BT)):
+        if tuple(t.shape) != tuple(mask_BT.shape):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected mask_BT's {tuple(mask_BT.shape)}")
+        _logprobs(name, t)
+    if task_rewards_B is not None:
+        if tuple(task_rewards_B.shape) != tuple(mask_BT.shape[:1]):
+            raise ValueError(f"task_rewards_B has shape {tuple(task_rewards_B.shape)}, expected "
+                             f"{tuple(mask_BT.shape[:1])}")
+        _task_rewards(task_rewards_B)
     m = mask_BT.bool()
     reward = S.token_rewards(cfg, div, student_logprobs_BT, teacher_logprobs_BT)
     transformed = S.transform_rewards(cfg, reward, m)
-    adv = S.discounted_returns(transformed, m, cfg.gamma)
+    adv = S.discounted_returns(transformed, m, cfg.gamma, cfg.returns_at_mask)
     if task_rewards_B is not None and cfg.task_reward_coef != 0.0:
         adv = adv + cfg.task_reward_coef * task_rewards_B.detach().double()[:, None] * m
     lr = S.log_ratio(student_logprobs_BT, teacher_logprobs_BT, cfg.log_ratio_bound)
@@ -166,8 +295,10 @@ def opd_per_token_loss(cfg: ObjectiveConfig, *, tokens_BT: Tensor, mask_BT: Tens
     dense_teacher = teacher if isinstance(teacher, (FullSignal, TopKSignal)) else None
     cols = chunked_positions(cfg, div, src, tokens_BT, mask, dense_teacher, need_ent_s)
     logp = cols["logp"]
+    _check_student_rows(src, logp, cols["ent_s"], mask)
 
-    keep = S.select_by_entropy(cols["ent_t"] if select_teacher else cols["ent_s"], mask, cfg.entropy_keep_fraction)
+    keep = S.select_by_entropy(cols["ent_t"] if select_teacher else cols["ent_s"], mask, cfg.entropy_keep_fraction,
+                               cfg.entropy_scope)
     metrics: dict = {"masked_frac": 1.0 - (mask.sum().item() / max(mask.numel(), 1)),
                      "selected_frac": keep.sum().item() / max(mask.sum().item(), 1),
                      "num_tokens": int(keep.sum().item()),
