@@ -86,6 +86,10 @@ def _row_to_example(
     answer = "" if answer_field is None else _text(get(answer_field, "answer_field"), answer_field, path, loc, "answer")
     if completion_field is not None:
         completion = _text(get(completion_field, "completion_field"), completion_field, path, loc, "completion")
+    used = {prompt_field, answer_field, completion_field, messages_field}
+    for key, value in row.items():  # the row's other plain fields (privileged context, a route key, ...)
+        if key not in used and isinstance(value, (str, int, float, bool)):
+            meta.setdefault(str(key), value)
     return Example(prompt=prompt, answer=answer, completion=completion, meta=meta)
 
 

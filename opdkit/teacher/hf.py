@@ -219,6 +219,21 @@ def _model_identity(model) -> str:
     return f"hf:{type(base).__name__}:{dtype}:{h.hexdigest()[:20]}"
 
 
+def _full_head(model, request: TeacherRequest):
+    """(lm_head weight, bias, temperature) with which `score` hands out a hidden-state FullSignal for `request`, or
+    None when this model's logits are not a plain linear map of its last hidden state (then `score` returns
+    log-probs)."""
+    probe = torch.zeros(1, PROBE_TOKENS, dtype=torch.long)  # any ids: the probe compares two ways to the same logits
+    if not head_matches_logits(model, probe, torch.ones_like(probe)):
+        return None
+    head = _unwrap(model).get_output_embeddings()
+    V = request.vocab_size
+    W, bias = head.weight, getattr(head, "bias", None)
+    if V is not None and V != int(W.shape[0]):
+        W, bias = W[:V], (None if bias is None else bias[:V])
+    return W.detach(), (None if bias is None else bias.detach()), request.temperature
+
+
 class HFTeacher:
     """A Hugging Face causal LM in this process, scoring the rollout's own prompt + response (`score`). Serves every
     signal kind; `full` hands the objective the teacher's hidden states and lm_head (chunked, never [B, T, V])."""
@@ -236,6 +251,9 @@ class HFTeacher:
 
     def score(self, batch: RolloutBatch, request: TeacherRequest):
         return score_rollout(self.model, batch, **request.score_kwargs())
+
+    def full_head(self, request: TeacherRequest):
+        return _full_head(self.model, request)
 
     def identity(self) -> str | None:
         if self._identity is None:
@@ -278,6 +296,15 @@ class SelfTeacher:
         prompts = [prompt_to_ids(teacher_prompt_text(r, self.template), self.tokenizer,
                                  use_chat_template=self.use_chat_template) for r in batch.records_B]
         return build_teacher_inputs(prompts, batch.response_ids_BT, batch.eos_mask_BT, pad_token_id=self.pad_token_id)
+
+    def row_inputs(self, batch: RolloutBatch) -> list[list[int]]:
+        """The token ids this teacher attends per row (its privileged prompt + the response): the cache key."""
+        ti = self.teacher_inputs(batch)
+        return [[t for t, a in zip(ids, att) if a] for ids, att in
+                zip(ti.input_ids_BL.tolist(), ti.attention_mask_BL.tolist(), strict=True)]
+
+    def full_head(self, request: TeacherRequest):
+        return _full_head(self.model, request)
 
     def score(self, batch: RolloutBatch, request: TeacherRequest):
         ti = self.teacher_inputs(batch)

@@ -67,7 +67,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    prompts: str = h("prompt source: task:<name> (built-in task, train split), a .jsonl file, or a datasets dir "
+    prompts: str = h("prompt source: task:<name> (built-in task, train split; task:a+b mixes tasks equally), a "
+                     ".jsonl file, or a datasets dir "
                      "saved with save_to_disk", default="task:embedded")
     prompt_field: str = h("JSONL/dataset field with the prompt text", default="prompt")
     messages_field: str | None = h("field with chat messages (list of {role, content}) instead of prompt_field",
@@ -75,6 +76,8 @@ class DataConfig:
     answer_field: str | None = h("field with the reference answer (for task rewards and eval)", default="answer")
     completion_field: str | None = h("field with a reference response (GKD off-policy data, lambda < 1)",
                                      default=None)
+    route_field: str | None = h("JSONL/dataset field whose value picks the prompt's teacher in teacher.routes "
+                                "(built-in tasks: the task name)", default=None)
     privileged_field: str | None = h("field with privileged context for a self-teacher (OPSD), e.g. the reference "
                                      "solution (default: the answer field)", default=None)
     checker: str = h("answer checker for user datasets: math_verify, marker:<TEXT>, or module:function",
@@ -171,6 +174,12 @@ class TeacherConfig:
     score_chunk_size: int = h("positions per chunk when the teacher computes log-probs (peak O(chunk x V))",
                               default=1024)
     server: ServerConfig = field(default_factory=ServerConfig)
+    cache_dir: str | None = h("keep teacher scores on disk here and reuse them whenever the same teacher input is "
+                              "scored again (resumed runs, reruns and grids that share rollouts, GKD reference data, "
+                              "a cache built once for a fixed dataset); null = off", default=None)
+    routes: dict[str, str] = h("multi-teacher: route key -> teacher (a model spec, or server:<url>); '*' is the "
+                               "fallback; a prompt's key is its data.route_field (built-in tasks: the task name); "
+                               "replaces teacher.backend/model", default_factory=dict)
 
     def __post_init__(self) -> None:
         _choice("teacher", "backend", self.backend, TEACHER_BACKENDS)
@@ -180,6 +189,15 @@ class TeacherConfig:
         _pos_int("teacher", "score_chunk_size", self.score_chunk_size)
         if not self.model:
             raise ValueError("teacher.model is empty: give a model dir, .gguf file or embedded:teacher")
+        for key, spec in self.routes.items():
+            if not key or not spec:
+                raise ValueError(f"teacher.routes: an empty key or teacher ({key!r}: {spec!r})")
+            if spec in ("self", "self_live"):
+                raise ValueError(f"teacher.routes.{key}={spec}: a route names a model or server:<url>, not a "
+                                 "self-teacher")
+        if self.routes and self.backend != "hf":
+            raise ValueError(f"teacher.routes and teacher.backend={self.backend} exclude each other: each route names "
+                             "its own teacher (a model spec or server:<url>)")
         if self.backend == "server" and self.server.url is None and not self.server.launch:
             raise ValueError("teacher.backend=server needs teacher.server.url=http://host:port (a running vLLM "
                              "server) or teacher.server.launch=true (opdkit starts one for teacher.model)")

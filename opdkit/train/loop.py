@@ -187,9 +187,16 @@ def evaluate_greedy(m: Models, source: setup.PromptSource, cfg: TrainConfig) -> 
     batch = generate(m.student, ids, n_samples=1, max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0,
                      eos_token_ids=m.eos_ids, pad_token_id=m.pad_id, sampler=greedy_sample, batch_size=64)
     texts = decode(m, batch)
-    correct = [source.score(t, source.eval_records[i]) for i, t in zip(report["kept_indices"], texts, strict=True)]
-    return {"eval/accuracy": sum(correct) / len(correct),
-            "eval/response_length": batch.response_lengths_B.double().mean().item()}
+    recs = [source.eval_records[i] for i in report["kept_indices"]]
+    correct = [source.score(t, r) for r, t in zip(recs, texts, strict=True)]
+    out = {"eval/accuracy": sum(correct) / len(correct),
+           "eval/response_length": batch.response_lengths_B.double().mean().item()}
+    keys = [source.route_key(r) for r in recs]
+    if len({k for k in keys if k is not None}) > 1:  # a mixture (task:a+b, routed data): accuracy per key too
+        for key in sorted({k for k in keys if k is not None}):
+            vals = [c for c, k in zip(correct, keys, strict=True) if k == key]
+            out[f"eval/accuracy/{key}"] = sum(vals) / len(vals)
+    return out
 
 
 def decode(m: Models, batch: RolloutBatch) -> list[str]:
@@ -224,7 +231,7 @@ def train(cfg: TrainConfig) -> dict:
     frozen = setup.frozen_self_teacher(cfg, student)  # OPSD's frozen teacher: the initial weights, before LoRA
     student = setup.maybe_lora(student, cfg.model)
     eos, pad, masked = _special_ids(student, tok, cfg.rollout.masked_tokens)
-    teacher = setup.build_teacher(cfg, student, tok, frozen, pad_token_id=pad)
+    teacher = setup.build_teacher(cfg, student, tok, frozen, pad_token_id=pad, source=source)
     try:  # a teacher may hold a server it started: stopped however the run ends
         request = TeacherRequest.for_objective(cfg.objective, chunk_size=cfg.teacher.score_chunk_size)
         check_serves(teacher, request)  # a teacher that cannot give the objective's signal: one line, nothing written

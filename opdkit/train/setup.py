@@ -80,20 +80,55 @@ def frozen_self_teacher(cfg, student):
     return frozen_copy(student).to(resolve_dtype(cfg.teacher.dtype))
 
 
-def build_teacher(cfg, student, tok, frozen=None, *, pad_token_id: int):
+def build_teacher(cfg, student, tok, frozen=None, *, pad_token_id: int, source: PromptSource | None = None):
     """The teacher backend of a TrainConfig (`opdkit.teacher`), after the student got its LoRA adapters (a live
-    self-teacher is the trained student itself). Everything that can fail on bad input fails here, before the run
-    dir is written."""
+    self-teacher is the trained student itself): teacher.routes (several teachers) or teacher.backend, wrapped in a
+    disk cache when teacher.cache_dir is set. Everything that can fail on bad input fails here, before the run dir is
+    written."""
     from opdkit.teacher import HFTeacher, SelfTeacher
 
     t = cfg.teacher
-    if t.backend == "server":
-        return server_teacher(cfg, tok)
-    if t.backend in ("self", "self_live"):
+    if t.routes:
+        teacher = routed_teacher(cfg, student, tok, source)
+    elif t.backend == "server":
+        teacher = server_teacher(cfg, tok)
+    elif t.backend in ("self", "self_live"):
         model = frozen if t.backend == "self" else student
-        return SelfTeacher(model, tok, t.privileged_template, live=t.backend == "self_live",
-                           pad_token_id=pad_token_id, use_chat_template=cfg.data.use_chat_template)
-    return HFTeacher(load_teacher_model(t.model, cfg.model, t, student, tok), name=t.model)
+        teacher = SelfTeacher(model, tok, t.privileged_template, live=t.backend == "self_live",
+                              pad_token_id=pad_token_id, use_chat_template=cfg.data.use_chat_template)
+    else:
+        teacher = HFTeacher(load_teacher_model(t.model, cfg.model, t, student, tok), name=t.model)
+    if t.cache_dir:
+        from opdkit.teacher.cache import CachedTeacher
+
+        try:
+            teacher = CachedTeacher(teacher, t.cache_dir)
+        except BaseException:
+            teacher.close()
+            raise
+    return teacher
+
+
+def routed_teacher(cfg, student, tok, source: PromptSource | None):
+    """teacher.routes: one teacher per route key (a model spec, or server:<url>), each checked against the student."""
+    from opdkit.teacher import HFTeacher
+    from opdkit.teacher.route import RoutedTeacher
+
+    built: dict[str, object] = {}
+    try:
+        for key, spec in cfg.teacher.routes.items():
+            if spec.startswith("server:"):
+                built[key] = server_teacher(cfg, tok, url=spec.split(":", 1)[1])
+            else:
+                built[key] = HFTeacher(load_teacher_model(spec, cfg.model, cfg.teacher, student, tok), name=spec)
+        routed = RoutedTeacher(built, source.route_key if source is not None else (lambda r: None))
+        if source is not None:  # every key of the data must have a teacher: checked now, not at step 300
+            routed.check_keys(source.train_records if source.train_records is not None else source.eval_records)
+    except BaseException:
+        for t in built.values():
+            t.close()
+        raise
+    return routed
 
 
 def server_teacher(cfg, tok, url: str | None = None):
@@ -141,6 +176,8 @@ class PromptSource:
     eval_records: list[PromptRecord]
     score: Callable[[str, PromptRecord], float]              # response text -> reward in [0, 1]
     description: str
+    route_key: Callable[[PromptRecord], str | None] = lambda r: None  # which teacher of teacher.routes (if any)
+    train_records: list[PromptRecord] | None = None  # a dataset's rows (None: generated on the fly by a task)
 
 
 def _record(ex, privileged_field: str | None = None, completion_field: str | None = None) -> PromptRecord:
@@ -159,23 +196,30 @@ def prompt_source(dcfg, seed: int) -> PromptSource:
 
     spec = dcfg.prompts
     if spec.startswith("task:"):
-        name = spec.split(":", 1)[1]
-        args: dict = {}
-        if name == "embedded":
-            info = embedded_task_info()
-            name, args = info["task"], dict(info.get("task_args", {}))
-        try:
-            task = get_task(name, **args)
-        except (ValueError, TypeError) as e:
-            raise UserError(f"data.prompts={spec!r}: {e}") from None
-        eval_records = [_record(ex) for ex in task.sample("heldout", n=dcfg.eval_prompts, seed=10_007 + seed,
-                                                          unique=True)]
+        tasks = {}
+        for name in spec.split(":", 1)[1].split("+"):
+            args: dict = {}
+            if name == "embedded":
+                info = embedded_task_info()
+                name, args = info["task"], dict(info.get("task_args", {}))
+            try:
+                tasks[name] = get_task(name, **args)
+            except (ValueError, TypeError) as e:
+                raise UserError(f"data.prompts={spec!r}: {e}") from None
+        names = list(tasks)
+        # held-out records: split evenly between the tasks (a mixture task:a+b is evaluated on both)
+        per = [dcfg.eval_prompts // len(names) + (i < dcfg.eval_prompts % len(names)) for i in range(len(names))]
+        eval_records = [_record(ex) for name, n in zip(names, per) for ex in
+                        (tasks[name].sample("heldout", n=n, seed=10_007 + seed, unique=True) if n else [])]
 
         def draw(rng: random.Random, n: int) -> list[PromptRecord]:
-            return [_record(ex) for ex in task.sample("train", n=n, seed=rng.randrange(2**31))]
+            if len(names) == 1:
+                return [_record(ex) for ex in tasks[names[0]].sample("train", n=n, seed=rng.randrange(2**31))]
+            picks = [names[rng.randrange(len(names))] for _ in range(n)]
+            return [_record(tasks[k].sample("train", n=1, seed=rng.randrange(2**31))[0]) for k in picks]
 
-        return PromptSource(draw, eval_records, lambda text, r: task.score(text, r.meta["example"]),
-                            f"task {name} {args}")
+        return PromptSource(draw, eval_records, lambda text, r: tasks[r.meta["task"]].score(text, r.meta["example"]),
+                            f"task {'+'.join(names)}", route_key=lambda r: r.meta.get("task"))
 
     kw = dict(prompt_field=dcfg.prompt_field, answer_field=dcfg.answer_field, completion_field=dcfg.completion_field,
               messages_field=dcfg.messages_field)
@@ -196,4 +240,9 @@ def prompt_source(dcfg, seed: int) -> PromptSource:
     def score(text: str, r: PromptRecord) -> float:
         return float(checker(text, r.answer)) if r.answer is not None else 0.0
 
-    return PromptSource(draw, eval_records, score, f"{spec} ({len(train_records)} train prompts)")
+    route = (lambda r: None if r.meta.get(dcfg.route_field) is None else str(r.meta[dcfg.route_field])) \
+        if dcfg.route_field else (lambda r: None)
+    if dcfg.route_field and all(route(r) is None for r in train_records):
+        raise UserError(f"data.route_field={dcfg.route_field!r} is in no row of {spec}; name a field of its rows")
+    return PromptSource(draw, eval_records, score, f"{spec} ({len(train_records)} train prompts)", route_key=route,
+                        train_records=train_records)
