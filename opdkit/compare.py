@@ -92,6 +92,9 @@ class CompareConfig:
     eval_n: int = h("held-out problems per evaluation", default=200)
     eval_k: int = h("samples per problem for avg@k / pass@k", default=4)
     eval_temperature: float = h("sampling temperature for avg@k / pass@k", default=1.0)
+    teacher_cache: bool = h("one teacher-score cache (teacher.cache_dir) in out_dir/teacher_cache shared by every "
+                            "train run of the grid: rows scored before are reused (hit rates in results.md)",
+                            default=False)
 
     def __post_init__(self) -> None:
         for name in ("parallel", "threads", "eval_n", "eval_k"):
@@ -146,6 +149,8 @@ def load_grid(cfg: CompareConfig) -> tuple[list[str], int, list[Method]]:
     base = [str(x) for x in grid.get("base", [])]
     if cfg.steps is not None:
         base.append(f"steps={cfg.steps}")
+    if cfg.teacher_cache:
+        base.append(f"teacher.cache_dir={Path(cfg.out_dir) / 'teacher_cache'}")
     seeds = cfg.seeds or int(grid.get("seeds", 3))
     return base, seeds, methods
 
@@ -273,6 +278,7 @@ def evaluate_grid(cfg: CompareConfig, out: Path, methods: list[Method], seeds: i
             "wall_s": sum(r.get("time/step", r.get("step_seconds", 0.0)) for r in rows),
             "teacher_tokens": (steps[-1].get("teacher_tokens", 0) if steps else
                                (_teacher_tokens(rd) if rows else 0)),
+            "cache_hit_rate": _hit_rate(steps),
             "run_dir": str(rd),
         }
 
@@ -280,6 +286,13 @@ def evaluate_grid(cfg: CompareConfig, out: Path, methods: list[Method], seeds: i
         for name, s, r in pool.map(one, jobs):
             results.setdefault(name, {})[s] = r
     return results
+
+
+def _hit_rate(steps: list[dict]) -> float:
+    """Fraction of the rows a run's teacher-score cache served (nan without a cache)."""
+    hits = sum(r.get("teacher/cache_hits", 0) for r in steps)
+    total = hits + sum(r.get("teacher/cache_misses", 0) for r in steps)
+    return hits / total if total else float("nan")
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -300,18 +313,20 @@ def write_outputs(cfg: CompareConfig, out: Path, methods: list[Method], seeds: i
 
     k = cfg.eval_k
     header = ["method", f"avg@{k}", f"pass@{k}", "length", "grad norm (final)", "grad norm (max)", "train s/run",
-              "teacher tokens", "seeds"]
+              "teacher tokens", "seeds"] + (["teacher cache hits"] if cfg.teacher_cache else [])
     rows, csv_rows = [], []
     for m in methods:
         per = results.get(m.name, {})
         col = {key: [r[key] for r in per.values()] for key in ("avg@k", "pass@k", "length", "grad_norm_final",
-                                                              "grad_norm_max", "wall_s", "teacher_tokens")}
+                                                              "grad_norm_max", "wall_s", "teacher_tokens",
+                                                              "cache_hit_rate")}
         (a, ai), (p, pi) = mean_ci(col["avg@k"]), mean_ci(col["pass@k"])
         fmt = lambda x: "-" if x != x else f"{x:.3g}"  # noqa: E731
         rows.append([m.name, f"{100 * a:.1f} ± {100 * ai:.1f}", f"{100 * p:.1f} ± {100 * pi:.1f}",
                      fmt(mean_ci(col["length"])[0]), fmt(mean_ci(col["grad_norm_final"])[0]),
                      fmt(mean_ci(col["grad_norm_max"])[0]), fmt(mean_ci(col["wall_s"])[0]),
-                     fmt(mean_ci(col["teacher_tokens"])[0]), f"{len(per)}/{seeds}"])
+                     fmt(mean_ci(col["teacher_tokens"])[0]), f"{len(per)}/{seeds}"]
+                    + ([f"{100 * mean_ci(col['cache_hit_rate'])[0]:.1f}%"] if cfg.teacher_cache else []))
         for s, r in sorted(per.items()):
             csv_rows.append({"method": m.name, "seed": s, **{kk: v for kk, v in r.items()}})
     table = markdown_table(header, rows)
@@ -323,7 +338,7 @@ def write_outputs(cfg: CompareConfig, out: Path, methods: list[Method], seeds: i
     (out / "results.md").write_text(f"# opdkit compare\n\n`{cmd}`\n\n{note}\n\n{table}\n")
     with open(out / "results.csv", "w", newline="") as fh:
         fields = ["method", "seed", "avg@k", "pass@k", "length", "grad_norm_final", "grad_norm_max", "wall_s",
-                  "teacher_tokens", "run_dir"]
+                  "teacher_tokens", "cache_hit_rate", "run_dir"]
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         w.writerows(csv_rows)

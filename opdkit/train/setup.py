@@ -131,6 +131,26 @@ def routed_teacher(cfg, student, tok, source: PromptSource | None):
     return routed
 
 
+def served_model_dir(cfg) -> str:
+    """The HF model directory vLLM serves for teacher.model: the directory itself, or for a .gguf file the
+    dequantised safetensors copy opdkit caches (made once if missing)."""
+    from opdkit.models import _is_complete_cache, gguf_cache_path
+
+    path = resolve_model_spec(cfg.teacher.model)
+    if path.endswith(".gguf") and Path(path).is_file():
+        cache = gguf_cache_path(path, cfg.model.gguf_cache_dir)
+        if not _is_complete_cache(cache):
+            load_causal_lm(path, gguf_cache_dir=cfg.model.gguf_cache_dir)  # dequantises and caches
+        if _is_complete_cache(cache):
+            return str(cache)
+        raise UserError(f"teacher.server.launch: could not cache a dequantised copy of {path} at {cache}; set "
+                        "model.gguf_cache_dir to a writable dir")
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"teacher.server.launch serves a HF model directory (config.json + weights) or a .gguf file; "
+                        f"teacher.model={cfg.teacher.model} is neither")
+    return path
+
+
 def server_teacher(cfg, tok, url: str | None = None):
     """A vLLM teacher server (teacher.server): connected to, or launched on 127.0.0.1 for teacher.model; its
     tokenizer checked against the student's `tok`."""
@@ -139,11 +159,7 @@ def server_teacher(cfg, tok, url: str | None = None):
     s = cfg.teacher.server
     launched = None
     if url is None and s.launch:
-        model_path = resolve_model_spec(cfg.teacher.model)
-        if model_path.endswith(".gguf") or not Path(model_path).is_dir():
-            raise UserError(f"teacher.server.launch serves a HF model directory; teacher.model={cfg.teacher.model} "
-                            "is not one (a .gguf teacher: dequantise it once with `opdkit eval` and serve the cached "
-                            "dir, or start vllm yourself)")
+        model_path = served_model_dir(cfg)
         dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[resolve_dtype(cfg.teacher.dtype)]
         launched = LaunchedServer(model_path, python=s.python, dtype=dtype, max_logprobs=s.max_logprobs,
                                   kv_cache_gib=s.kv_cache_gib, extra_args=s.launch_args,
