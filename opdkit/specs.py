@@ -19,7 +19,7 @@ from opdkit.errors import UserError, one_line
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "embedded"
 EMBEDDED_PREFIX = "embedded:"
-EMBEDDED_NAMES = ("student", "teacher")
+EMBEDDED_NAMES = ("student", "teacher", "student_vllm")
 TASK_JSON = "task.json"
 
 

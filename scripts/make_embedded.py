@@ -5,6 +5,7 @@
     python scripts/make_embedded.py --baseline 300      # + SFT of the student on teacher samples for 300 s (the
                                                         #   off-policy baseline OPD is compared with), curve printed
     python scripts/make_embedded.py --skip-build --baseline 300 --opd-probe 300   # compare on the built assets
+    python scripts/make_embedded.py --vllm-student      # only the head_dim-32 student vLLM can serve (~2 min)
 
 Steps (all with `opdkit sft`, i.e. `run_sft`, in `--work`):
 1. teacher: a Llama from scratch with a character tokenizer, trained on the task's own completions with a fraction
@@ -54,6 +55,10 @@ STUDENT = [
     "model.hidden_size=24", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=48",
     "model.max_position_embeddings=256", "data.batch_size=32", "optim.lr=3e-3", "steps=2500",
 ]
+# The same recipe with one 32-wide head: vLLM's CPU attention kernels need head_dim >= 32 (the default student's is
+# 12), so this student is the one the vLLM rollout backend (rollout.backend=vllm) serves in tests and docs.
+STUDENT_VLLM = [a for a in STUDENT if not a.startswith(("model.hidden_size", "model.num_heads", "model.intermediate"))
+                ] + ["model.hidden_size=32", "model.num_heads=1", "model.intermediate_size=64"]
 
 
 def sft(run_dir: Path, args: list[str]) -> dict:
@@ -131,10 +136,14 @@ def main() -> int:
     ap.add_argument("--opd-probe", type=float, default=0.0,
                     help="also run a minimal full-vocabulary reverse-KL OPD loop for this many seconds")
     ap.add_argument("--skip-build", action="store_true", help="use the assets already in --out")
+    ap.add_argument("--vllm-student", action="store_true",
+                    help="build only the vLLM-servable student (head_dim 32) into --out/student_vllm")
     a = ap.parse_args()
     torch.set_num_threads(1)
     work, out = Path(a.work), Path(a.out)
-    if not a.skip_build:
+    if a.vllm_student:
+        build_vllm_student(work, out)
+    elif not a.skip_build:
         build(work, out)
     if a.baseline > 0:
         base = sft(work / "sft_on_teacher_samples", [
@@ -172,6 +181,19 @@ def build(work: Path, out: Path) -> None:
             "teacher_params": teacher["params"], "student_params": student["params"]}
     (out / "task.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out} ({time.monotonic() - t0:.0f} s)")
+
+
+def build_vllm_student(work: Path, out: Path) -> None:
+    t0 = time.monotonic()
+    res = sft(work / "student_vllm", [f"model.tokenizer={out / 'teacher'}", *STUDENT_VLLM, f"seed={SEED + 1}"])
+    acc = heldout_acc(Path(res["final_dir"]))
+    if (out / "student_vllm").exists():
+        shutil.rmtree(out / "student_vllm")
+    shutil.copytree(res["final_dir"], out / "student_vllm")
+    info = json.loads((out / "task.json").read_text())
+    info.update({"student_vllm_heldout_acc": round(acc, 4), "student_vllm_params": res["params"]})
+    (out / "task.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    print(f"student_vllm: {res['params']:,} params, held-out accuracy {acc:.3f}, {time.monotonic() - t0:.0f} s")
 
 
 if __name__ == "__main__":

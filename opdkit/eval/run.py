@@ -80,14 +80,6 @@ def _prompt_ids(examples, tokenizer) -> list[list[int]]:
     return [prompt_to_ids(format_prompt(ex, tokenizer), tokenizer) for ex in examples]
 
 
-def _eos_pad(tokenizer) -> tuple[int, int]:
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserError("the tokenizer has no eos_token; a model needs one to end its responses")
-    pad = tokenizer.pad_token_id
-    return int(eos), int(eos if pad is None else pad)
-
-
 def evaluate(
     model,
     tokenizer,
@@ -125,7 +117,9 @@ def evaluate(
     if k < 1 or n_samples < k:
         raise UserError(f"need 1 <= k <= n_samples, got k={k}, n_samples={n_samples}")
     score = _scorer(checker_or_task)
-    eos, pad = _eos_pad(tokenizer)
+    from opdkit.rollout.base import stop_ids
+
+    eos, pad, _ = stop_ids(model, tokenizer)  # the trainer's EOS ids: tokenizer + generation_config
     greedy = temperature == 0
     gen_n = 1 if greedy else n_samples
     prompts = _prompt_ids(examples, tokenizer)
@@ -145,7 +139,7 @@ def evaluate(
             for r in range(b, b + gen_n):
                 L = int(mask[r].sum())
                 toks = ids[r, :L].tolist()
-                if toks and toks[-1] == eos:
+                if toks and toks[-1] in eos:
                     toks = toks[:-1]
                 texts.append(tokenizer.decode(toks, skip_special_tokens=True))
                 lens.append(L)

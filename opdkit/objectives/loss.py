@@ -277,7 +277,8 @@ def opd_per_token_loss(cfg: ObjectiveConfig, *, tokens_BT: Tensor, mask_BT: Tens
                        lm_head_weight_VH: Tensor | None = None, lm_head_bias_V: Tensor | None = None,
                        temperature: float = 1.0, old_logprobs_BT: Tensor | None = None,
                        advantages_BT: Tensor | None = None, task_rewards_B: Tensor | None = None,
-                       divergence: Divergence | None = None) -> tuple[PerTokenLoss, dict]:
+                       divergence: Divergence | None = None, behaviour_logprobs_BT: Tensor | None = None,
+                       is_truncation: float = 2.0) -> tuple[PerTokenLoss, dict]:
     """Per-token OPD loss for any objective configuration, plus metrics.
 
     Student: `logits_BTV` [B, T, V], or `hidden_BTH` [B, T, H] + `lm_head_weight_VH` [V, H] (chunked: no [B, T, V]).
@@ -285,7 +286,11 @@ def opd_per_token_loss(cfg: ObjectiveConfig, *, tokens_BT: Tensor, mask_BT: Tens
     tokens up to EOS, special tokens already masked by the caller). `teacher`: the signal `cfg.teacher_signal`
     names. `old_logprobs_BT`: sampler log-probs for PPO (default: current, detached). `advantages_BT`: precomputed
     by `compute_advantages` (sampled only). `task_rewards_B`: per-sequence task reward (OPD-RL hybrid).
-    `divergence`: a custom `Divergence` overriding `cfg.divergence`."""
+    `divergence`: a custom `Divergence` overriding `cfg.divergence`. `behaviour_logprobs_BT`: for rows sampled by an
+    older policy (asynchronous OPD), the behaviour policy's log-probs of the tokens (NaN where a row is on-policy):
+    each such token's loss is weighted by the truncated importance weight min(pi_theta / pi_behaviour,
+    is_truncation), detached (truncated IS: Espeholt et al. 2018, IMPALA; Yao et al. 2025 for the same correction
+    between a vLLM sampler and the trainer)."""
     src = StudentSource(logits_BTV, hidden_BTH, lm_head_weight_VH, lm_head_bias_V, temperature)
     _check_inputs(cfg, src, tokens_BT, mask_BT, teacher, old_logprobs_BT, task_rewards_B, advantages_BT)
     div = divergence or divergence_of(cfg)
@@ -324,6 +329,17 @@ def opd_per_token_loss(cfg: ObjectiveConfig, *, tokens_BT: Tensor, mask_BT: Tens
             loss = loss - cfg.task_reward_coef * task_rewards_B.detach().to(logp.dtype)[:, None] * logp
             metrics["task_reward/mean"] = task_rewards_B.double().mean().item() if task_rewards_B.numel() else 0.0
         metrics["clip_frac"] = 0.0
+    if behaviour_logprobs_BT is not None:
+        if tuple(behaviour_logprobs_BT.shape) != tuple(tokens_BT.shape):
+            raise ValueError(f"behaviour_logprobs_BT has shape {tuple(behaviour_logprobs_BT.shape)}, expected "
+                             f"{tuple(tokens_BT.shape)}")
+        stale = keep & ~torch.isnan(behaviour_logprobs_BT)
+        log_w = (logp.detach() - behaviour_logprobs_BT.to(logp.dtype).nan_to_num(0.0)).clamp(max=math.log(is_truncation))
+        w = torch.where(stale, log_w.exp(), torch.ones_like(log_w))
+        loss = loss * w
+        if stale.any():
+            metrics["is_weight/mean"] = w[stale].double().mean().item()
+            metrics["is_weight/truncated_frac"] = (log_w[stale] >= math.log(is_truncation) - 1e-12).double().mean().item()
     loss = loss * keep.to(loss.dtype)
     return PerTokenLoss(loss, keep, adv), metrics
 

@@ -14,6 +14,7 @@ tokens with attention 0 (never seen again); the loop stops when every row has em
 
 from __future__ import annotations
 
+import copy
 from typing import Iterable, Sequence
 
 import torch
@@ -166,3 +167,56 @@ def generate(
         response_lengths_B=eos_mask_BT.sum(dim=-1),
         finished_B=finished_B,
     )
+
+
+class HFRollout:
+    """The student itself, in this process: `generate` with its KV cache (no weights to push). `sampler` draws from
+    the processed distribution (temperature 0 always uses the greedy argmax)."""
+
+    def __init__(self, model, sampler: Sampler = inverse_cdf_sample, *, snapshot: bool = False):
+        # snapshot: sample from a frozen copy that load_weights refreshes (asynchronous OPD: the trainer changes the
+        # live student while this samples the next step)
+        self.snapshot = snapshot
+        self.model = copy.deepcopy(model).eval() if snapshot else model
+        self.sampler = sampler
+        self.version = 0
+
+    def sample(self, prompt_ids, spec, *, records=None, generator=None, seed: int = 0) -> RolloutBatch:
+        from opdkit.rollout.sampler import greedy_sample
+
+        batch = generate(self.model, prompt_ids, n_samples=spec.n, max_new_tokens=spec.max_new_tokens,
+                         temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k or None,
+                         eos_token_ids=list(spec.eos_ids), pad_token_id=spec.pad_id, masked_token_ids=spec.masked_ids,
+                         sampler=greedy_sample if spec.temperature == 0 else self.sampler, generator=generator,
+                         batch_size=spec.batch_size)
+        batch.policy_version_B = torch.full((batch.batch_size,), self.version, dtype=torch.long)
+        return batch.with_records(records) if records is not None else batch
+
+    def load_weights(self, student, version: int) -> None:
+        if self.snapshot:
+            with torch.no_grad():
+                self.model.load_state_dict(student.state_dict())
+        else:
+            self.model = student  # the same module: nothing to copy
+        self.version = int(version)
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+@torch.no_grad()
+def teacher_forced_logprobs(model, batch: RolloutBatch) -> torch.Tensor:
+    """The log-probs [B, T] (float32, 0 after EOS) `model` gives the batch's response tokens, teacher-forced: pi_old
+    of reference responses, or the current policy's of rows an older policy sampled."""
+    T = batch.response_len
+    was = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=batch.input_ids_BL, attention_mask=batch.attention_mask_BL,
+                       position_ids=batch.position_ids_BL(), logits_to_keep=T + 1).logits[:, :-1].float()
+    finally:
+        model.train(was)
+    return torch.log_softmax(logits, -1).gather(-1, batch.response_ids_BT[..., None]).squeeze(-1) * batch.eos_mask_BT

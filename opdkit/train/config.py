@@ -95,6 +95,47 @@ class DataConfig:
 
 
 @dataclass
+class VLLMRolloutConfig:
+    """rollout.backend=vllm: the engine that samples the student's responses (docs/rollouts.md)."""
+
+    mode: str = h("server (a vllm serve process: launched by opdkit on 127.0.0.1 unless url is given) or colocate "
+                  "(vllm.LLM in this process; needs vllm importable here)", default="server")
+    url: str | None = h("a running rollout server (started with opdkit's worker extension, see docs/rollouts.md)",
+                        default=None)
+    python: str = h("server launch: the Python with vllm installed (scripts/setup_vllm.sh)",
+                    default=".venv-vllm/bin/python")
+    dtype: str = h("engine dtype: float32 or bfloat16", default="float32")
+    max_model_len: int | None = h("engine context length (default: data.max_prompt_tokens + rollout.max_new_tokens)",
+                                  default=None)
+    kv_cache_gib: int = h("server launch on CPU: VLLM_CPU_KVCACHE_SPACE in GiB", default=1)
+    gpu_memory_utilization: float = h("colocate on a GPU: the engine's share of GPU memory (the trainer keeps "
+                                      "the rest)", default=0.3)
+    launch_args: list[str] = h("server launch: extra vllm serve arguments", default_factory=list)
+    startup_timeout_s: float = h("server launch: seconds to wait for the engine", default=600.0)
+    timeout_s: float = h("seconds per generation request before it is retried", default=300.0)
+    retries: int = h("retries per request (exponential backoff) before the run stops", default=2)
+    concurrency: int = h("requests in flight at once", default=4)
+    rows_per_request: int = h("prompts per /v1/completions request", default=16)
+
+    def __post_init__(self) -> None:
+        _choice("vllm", "mode", self.mode, ("server", "colocate"))
+        _choice("vllm", "dtype", self.dtype, ("float32", "bfloat16"))
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"vllm.url={self.url!r} must start with http:// or https://")
+        if self.url is not None and self.mode == "colocate":
+            raise ValueError("vllm.url is a server: it excludes vllm.mode=colocate")
+        if self.max_model_len is not None:
+            _pos_int("vllm", "max_model_len", self.max_model_len)
+        _pos_int("vllm", "kv_cache_gib", self.kv_cache_gib)
+        _range("vllm", "gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, lo_open=True)
+        _range("vllm", "startup_timeout_s", self.startup_timeout_s, 0.0, 1e6, lo_open=True)
+        _range("vllm", "timeout_s", self.timeout_s, 0.0, 1e6, lo_open=True)
+        _pos_int("vllm", "retries", self.retries, allow_zero=True)
+        _pos_int("vllm", "concurrency", self.concurrency)
+        _pos_int("vllm", "rows_per_request", self.rows_per_request)
+
+
+@dataclass
 class RolloutConfig:
     prompts_per_step: int = h("prompts sampled per step", default=32)
     n_samples: int = h("responses sampled per prompt", default=1)
@@ -110,6 +151,17 @@ class RolloutConfig:
     masked_tokens: list[str] = h("special tokens excluded from the loss (e.g. <think>)", default_factory=list)
     gkd_lambda: float = h("GKD lambda: probability that a step uses student rollouts; otherwise the dataset's "
                           "responses (data.completion_field)", default=1.0)
+    backend: str = h("hf (the student's own KV-cached decode loop, in this process) or vllm (a vLLM engine that "
+                     "receives the weights, see rollout.vllm)", default="hf")
+    weight_sync_steps: int = h("vllm: push the student's weights to the engine every N optimizer steps (rows then "
+                               "carry the version that sampled them)", default=1)
+    max_staleness: int | None = h("asynchronous OPD: generate up to this many steps ahead while the trainer "
+                                  "updates (0 = the async path with no overlap, identical to synchronous); rows "
+                                  "older than this are dropped, stale rows are importance-weighted; null = "
+                                  "synchronous", default=None)
+    is_truncation: float = h("stale rows: per-token importance weight pi_theta / pi_behaviour truncated at this "
+                             "(truncated IS, Espeholt et al. 2018; Yao et al. 2025 use 2)", default=2.0)
+    vllm: VLLMRolloutConfig = field(default_factory=VLLMRolloutConfig)
 
     def __post_init__(self) -> None:
         for name in ("prompts_per_step", "n_samples", "max_new_tokens"):
@@ -120,6 +172,14 @@ class RolloutConfig:
         _range("rollout", "top_p", self.top_p, 0.0, 1.0, lo_open=True)
         _range("rollout", "gkd_lambda", self.gkd_lambda, 0.0, 1.0)
         _choice("rollout", "sampler", self.sampler, ("inverse_cdf", "multinomial"))
+        _choice("rollout", "backend", self.backend, ("hf", "vllm"))
+        _pos_int("rollout", "weight_sync_steps", self.weight_sync_steps)
+        if self.max_staleness is not None:
+            _pos_int("rollout", "max_staleness", self.max_staleness, allow_zero=True)
+        _range("rollout", "is_truncation", self.is_truncation, 1.0, 1e6)
+        if self.backend == "hf" and self.weight_sync_steps != 1:
+            raise ValueError("rollout.weight_sync_steps applies to rollout.backend=vllm (the HF rollout samples from "
+                             "the live student)")
 
 
 @dataclass

@@ -30,18 +30,20 @@ import torch
 
 from opdkit.config import config_hash, help_text, load_config
 from opdkit.diagnostics import FailureDetector
-from opdkit.data.prompts import PromptRecord, encode_prompts
+from opdkit.data.prompts import encode_prompts
 from opdkit.errors import RunFailed, UserError, run_cli
 from opdkit.objectives import opd_per_token_loss
 from opdkit.objectives.loss import aggregate, token_stats
 from opdkit.objectives.step import batch_terms, dense_reward
-from opdkit.rollout import SAMPLERS, RolloutBatch, generate, greedy_sample, left_pad, position_ids_from_mask
+from opdkit.rollout import RolloutBatch
+from opdkit.rollout.base import stop_ids
 from opdkit.teacher import Teacher, TeacherRequest, check_serves
 from opdkit.train import setup
 from opdkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_dir
 from opdkit.train.config import TrainConfig
 from opdkit.report.plots import plot_run, reward_histogram
 from opdkit.train.logging import Progress, prepare_run_dir
+from opdkit.train.rollouts import StepBatches, sampling_spec, stale_rows, step_seed
 from opdkit.metrics_log import MetricsLogger, read_metrics
 from opdkit.train.signals import GracefulStop
 
@@ -60,55 +62,11 @@ class Models:
     masked_ids: list[int]
 
 
-def _step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
-
-
-def _special_ids(model, tok, masked_tokens: list[str]) -> tuple[list[int], int, list[int]]:
-    eos = set()
-    for src in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if src is not None:
-            eos.update(src if isinstance(src, (list, tuple)) else [src])
-    if not eos:
-        raise UserError("the tokenizer has no eos_token: responses could never end; use a tokenizer with one")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos)
-    masked = []
-    for t in masked_tokens:
-        i = tok.convert_tokens_to_ids(t)
-        if i is None or i == tok.unk_token_id:
-            raise UserError(f"rollout.masked_tokens: {t!r} is not a token of the student's tokenizer")
-        masked.append(int(i))
-    return sorted(eos), int(pad), masked
-
-
-# ----------------------------------------------------------------------------------------------- rollouts
-def reference_batch(student, prompt_ids: list[list[int]], records: list[PromptRecord], m: Models,
-                    max_new_tokens: int) -> RolloutBatch:
-    """A RolloutBatch from the dataset's reference responses (GKD's fixed data), teacher-forced through the student
-    for pi_old."""
-    resp = [m.tokenizer.encode(r.meta["completion"], add_special_tokens=False)[: max_new_tokens - 1] + [m.eos_ids[0]]
-            for r in records]
-    T = max(len(x) for x in resp)
-    ids_BP, pmask_BP = left_pad(prompt_ids, m.pad_id)
-    resp_BT = torch.full((len(resp), T), m.pad_id, dtype=torch.long)
-    eos_BT = torch.zeros(len(resp), T, dtype=torch.long)
-    for b, x in enumerate(resp):
-        resp_BT[b, : len(x)] = torch.tensor(x)
-        eos_BT[b, : len(x)] = 1
-    ids, att = torch.cat([ids_BP, resp_BT], 1), torch.cat([pmask_BP, eos_BT], 1)
-    P = ids_BP.shape[1]
-    with torch.no_grad():
-        logits = student(input_ids=ids, attention_mask=att, position_ids=position_ids_from_mask(att),
-                         logits_to_keep=T + 1).logits[:, :-1].float()
-        lp = torch.log_softmax(logits, -1).gather(-1, resp_BT[..., None]).squeeze(-1) * eos_BT
-    keep = eos_BT.bool() & ~torch.isin(resp_BT, torch.tensor(m.masked_ids, dtype=torch.long))
-    return RolloutBatch(ids, att, P, resp_BT, keep.long(), eos_BT, lp, lp, torch.arange(len(resp)),
-                        eos_BT.sum(-1), torch.ones(len(resp), dtype=torch.bool))
-
-
 # ----------------------------------------------------------------------------------------------- update
-def update(cfg: TrainConfig, m: Models, opt, sched, batch: RolloutBatch, signal, task_rewards_B) -> dict:
-    """Steps 3-4: advantages once per batch, then PPO epochs x micro-batches with global-count aggregation."""
+def update(cfg: TrainConfig, m: Models, opt, sched, batch: RolloutBatch, signal, task_rewards_B,
+           behaviour_logprobs_BT=None) -> dict:
+    """Steps 3-4: advantages once per batch, then PPO epochs x micro-batches with global-count aggregation.
+    `behaviour_logprobs_BT`: rows sampled by an older policy (async OPD) get a truncated importance weight."""
     obj = cfg.objective
     mask_BT = batch.response_mask_BT.bool()
     old_lp_BT = batch.model_logprobs_BT
@@ -137,7 +95,9 @@ def update(cfg: TrainConfig, m: Models, opt, sched, batch: RolloutBatch, signal,
                 obj, tokens_BT=batch.response_ids_BT[rows], mask_BT=mask_BT[rows], teacher=signal.rows(rows),
                 logits_BTV=logits_BTV, old_logprobs_BT=old_lp_BT[rows] if obj.uses_old_logprobs else None,
                 advantages_BT=None if adv_BT is None else adv_BT[rows],
-                task_rewards_B=None if terms.task_rewards_B is None else terms.task_rewards_B[rows])
+                task_rewards_B=None if terms.task_rewards_B is None else terms.task_rewards_B[rows],
+                behaviour_logprobs_BT=None if behaviour_logprobs_BT is None else behaviour_logprobs_BT[rows],
+                is_truncation=cfg.rollout.is_truncation)
             loss = aggregate(per.loss_BT, per.mask_BT, obj.aggregation, num_tokens=n_tokens, num_sequences=n_seqs)
             loss.backward()
             loss_total += loss.item()
@@ -162,9 +122,7 @@ def update(cfg: TrainConfig, m: Models, opt, sched, batch: RolloutBatch, signal,
             break
         opt.step()
     metrics.setdefault("skipped", 0.0)
-    with warnings.catch_warnings():  # a skipped first step: torch warns that the schedule stepped before AdamW
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-        sched.step()
+    _step_schedule(sched)
     m.student.eval()
     if adv_BT is None:  # dense estimators: the "reward" is minus the per-token divergence
         metrics.update(token_stats("reward", reward_BT, mask_BT, by_position=True))
@@ -177,15 +135,22 @@ def update(cfg: TrainConfig, m: Models, opt, sched, batch: RolloutBatch, signal,
     return metrics
 
 
+def _step_schedule(sched) -> None:
+    with warnings.catch_warnings():  # a skipped first step: torch warns that the schedule stepped before AdamW
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        sched.step()
+
+
 # ----------------------------------------------------------------------------------------------- eval
-def evaluate_greedy(m: Models, source: setup.PromptSource, cfg: TrainConfig) -> dict:
-    """Held-out accuracy with greedy decoding (avg@1) and mean response length."""
+def evaluate_greedy(m: Models, source: setup.PromptSource, cfg: TrainConfig, batches: StepBatches) -> dict:
+    """Held-out accuracy with greedy decoding (avg@1) and mean response length, sampled by the run's rollout
+    backend with the current weights and the run's EOS ids (the same as `opdkit eval`)."""
     if not source.eval_records:
         return {}
     ids, report = encode_prompts(source.eval_records, m.tokenizer, use_chat_template=cfg.data.use_chat_template,
                                  max_prompt_tokens=cfg.data.max_prompt_tokens, on_too_long="truncate")
-    batch = generate(m.student, ids, n_samples=1, max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0,
-                     eos_token_ids=m.eos_ids, pad_token_id=m.pad_id, sampler=greedy_sample, batch_size=64)
+    spec = sampling_spec(cfg, m.eos_ids, m.pad_id, m.masked_ids).greedy(batch_size=64)
+    batch = batches.eval_sample(ids, spec, m.student)
     texts = decode(m, batch)
     recs = [source.eval_records[i] for i in report["kept_indices"]]
     correct = [source.score(t, r) for r, t in zip(recs, texts, strict=True)]
@@ -230,7 +195,7 @@ def train(cfg: TrainConfig) -> dict:
     student, tok = setup.load_student(cfg.model, cfg.seed)
     frozen = setup.frozen_self_teacher(cfg, student)  # OPSD's frozen teacher: the initial weights, before LoRA
     student = setup.maybe_lora(student, cfg.model)
-    eos, pad, masked = _special_ids(student, tok, cfg.rollout.masked_tokens)
+    eos, pad, masked = stop_ids(student, tok, cfg.rollout.masked_tokens)
     teacher = setup.build_teacher(cfg, student, tok, frozen, pad_token_id=pad, source=source)
     try:  # a teacher may hold a server it started: stopped however the run ends
         request = TeacherRequest.for_objective(cfg.objective, chunk_size=cfg.teacher.score_chunk_size)
@@ -242,7 +207,6 @@ def train(cfg: TrainConfig) -> dict:
 
 def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: TeacherRequest) -> dict:
     student, tok, teacher = m.student, m.tokenizer, m.teacher
-    eos, pad, masked = m.eos_ids, m.pad_id, m.masked_ids
     chash = config_hash(cfg, exclude=RESUMABLE_KNOBS)
     run_dir = prepare_run_dir(cfg.run_dir, chash, resume=cfg.resume, overwrite=cfg.overwrite, config=cfg,
                               exclude=RESUMABLE_KNOBS)
@@ -265,7 +229,6 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
     detector = FailureDetector.for_run(cfg)  # known OPD failure modes, one log line each (docs/diagnostics.md)
     if start:
         detector.replay(read_metrics(run_dir))
-    sampler = SAMPLERS[cfg.rollout.sampler]
     summary: dict = {"run_dir": str(run_dir), "start_step": start, "teacher": teacher.describe()}
     if hasattr(teacher, "dtype"):  # teacher.dtype=auto depends on the machine: the summary says what it chose
         summary["teacher_dtype"] = str(teacher.dtype).removeprefix("torch.")
@@ -280,94 +243,99 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
                                sidecar=sidecar, extra={"teacher_tokens": teacher_tokens, "skipped_total":
                                                        skipped_total, "skipped_streak": skipped_streak})
 
-    if start == 0:
-        summary["initial"] = evaluate_greedy(m, source, cfg)
-        detector.update(0, summary["initial"])
-        logger.log(0, summary["initial"])
-    with Progress(cfg.steps, enabled=cfg.progress, start_step=start, description="opd") as progress, \
-            GracefulStop() as stop:
-        for step in range(start, cfg.steps):
-            t0 = time.perf_counter()
-            rng = random.Random(_step_seed(cfg.seed, step))
-            gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step))
-            torch.manual_seed(_step_seed(cfg.seed, step))  # dropout etc. in the update
-            # 1. prompts and responses
-            records = source.draw(rng, cfg.rollout.prompts_per_step)
-            prompt_ids, report = encode_prompts(records, tok, use_chat_template=cfg.data.use_chat_template,
-                                                max_prompt_tokens=cfg.data.max_prompt_tokens,
-                                                on_too_long=cfg.data.on_too_long)
-            records = [records[i] for i in report["kept_indices"]]
-            on_policy = rng.random() < cfg.rollout.gkd_lambda
-            if on_policy:
-                batch = generate(student, prompt_ids, n_samples=cfg.rollout.n_samples,
-                                 max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                                 top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k or None, eos_token_ids=eos,
-                                 pad_token_id=pad, masked_token_ids=masked, sampler=sampler, generator=gen)
-            else:
-                batch = reference_batch(student, prompt_ids, records, m, cfg.rollout.max_new_tokens)
-            batch = batch.with_records(records)  # per-row records: a self-teacher's privileged context, route keys
-            t1 = time.perf_counter()
-            # 2. teacher scoring: exactly the signal the objective declared (TeacherRequest), from any backend
-            signal = teacher.score(batch, request)
-            teacher_tokens += int(batch.eos_mask_BT.sum())
-            t2 = time.perf_counter()
-            texts = decode(m, batch)
-            rewards_B = torch.tensor([source.score(t, r) for t, r in zip(texts, batch.records_B, strict=True)],
-                                     dtype=torch.float64)
-            task_rewards = rewards_B if cfg.task_reward else None
-            # 3-4. objective and update
-            metrics = update(cfg, m, opt, sched, batch, signal, task_rewards)
-            t3 = time.perf_counter()
-            done = step + 1
-            if metrics["skipped"]:
-                skipped_streak, skipped_total = skipped_streak + 1, skipped_total + 1
-                say(f"opdkit: step {done}: non-finite loss {metrics['skipped_loss']:.4g} / gradient norm "
-                    f"{metrics['skipped_grad_norm']:.4g}: optimizer step skipped, weights unchanged "
-                    f"({skipped_streak} in a row; the run stops at {cfg.optim.max_skipped_steps})")
-            else:
-                skipped_streak = 0
-            n_gen = int(batch.eos_mask_BT.sum())
-            metrics.update({
-                "train/accuracy": rewards_B.mean().item(), "on_policy": float(on_policy),
-                "response_length/mean": batch.response_lengths_B.double().mean().item(),
-                "response_length/max": int(batch.response_lengths_B.max()),
-                "finished_frac": batch.finished_B.double().mean().item(),
-                "prompts_too_long": report["n_too_long"], "teacher_tokens": teacher_tokens,
-                "skipped_total": skipped_total, **teacher.stats(),
-                "lr": sched.get_last_lr()[0], "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
-                "tokens_per_s/generate": n_gen / max(t1 - t0, 1e-9), "tokens_per_s/score": n_gen / max(t2 - t1, 1e-9),
-                "tokens_per_s/update": n_gen * cfg.optim.ppo_epochs / max(t3 - t2, 1e-9),
-            })
-            # The held-out eval of this step goes into this step's record (the last step's is the final eval).
-            if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
-                metrics.update(evaluate_greedy(m, source, cfg))
-                if done == cfg.steps:
-                    summary["final"] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-            metrics["time/step"] = time.perf_counter() - t0
-            found = detector.update(done, metrics)
-            metrics["warnings"] = [w.to_dict() for w in found]
-            for w in found:
-                progress.print(w.line())
-            logger.log(done, metrics)
-            progress.update(done, {"loss": metrics["loss"], "acc": metrics["train/accuracy"],
-                                   "reward": metrics.get("reward/mean", 0.0), "gnorm": metrics["grad_norm"]})
-            diverged = skipped_streak >= cfg.optim.max_skipped_steps
-            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or diverged or stop.requested:
-                ckpt = checkpoint(done)
-            if diverged:
-                logger.close()
-                raise RunFailed(
-                    f"{skipped_streak} consecutive steps had a non-finite loss or gradient norm (last: loss "
-                    f"{metrics['skipped_loss']:.4g}, gradient norm {metrics['skipped_grad_norm']:.4g}); stopped at "
-                    f"step {done} with a checkpoint of the last finite weights ({ckpt}); fix: lower optim.lr, set "
-                    "optim.grad_clip > 0 or change the objective's extreme knobs, then resume=true")
-            if stop.requested and done < cfg.steps:
-                logger.close()
-                raise stop.interrupted(f"opdkit: stopped after step {done}; checkpoint {ckpt}; continue with the "
-                                       "same command plus resume=true")
-    if "final" not in summary:  # a rerun of a finished run: evaluate for the summary, log nothing new
-        summary["final"] = evaluate_greedy(m, source, cfg)
-    logger.close()
+    # Rollouts: the backend (HF decode loop or a vLLM engine holding the weights of version `start`), GKD's
+    # reference responses, and with rollout.max_staleness a producer that samples the next steps meanwhile.
+    batches = StepBatches(cfg, source, tok, student, sampling_spec(cfg, m.eos_ids, m.pad_id, m.masked_ids),
+                          start_step=start)
+    try:
+        if start == 0:
+            summary["initial"] = evaluate_greedy(m, source, cfg, batches)
+            detector.update(0, summary["initial"])
+            logger.log(0, summary["initial"])
+        with Progress(cfg.steps, enabled=cfg.progress, start_step=start, description="opd") as progress, \
+                GracefulStop() as stop:
+            for step in range(start, cfg.steps):
+                t0 = time.perf_counter()
+                torch.manual_seed(step_seed(cfg.seed, step))  # dropout etc. in the update
+                # 1. prompts (a function of (seed, step)) and responses: the student's samples, or GKD's references
+                plan, batch, rollout_timing = batches.get(step)
+                # rows an older policy sampled (async): too old -> dropped; stale -> importance-weighted
+                batch, behaviour_BT, stale_metrics = stale_rows(batch, step, cfg.rollout.max_staleness, student,
+                                                          cfg.rollout.is_truncation)
+                t1 = time.perf_counter()
+                if batch.batch_size == 0:  # every row too stale: nothing to learn from this step (the schedule
+                    # still advances, so the learning rate stays a function of the step)
+                    metrics = {"skipped": 0.0, "loss": math.nan, "grad_norm": math.nan, "rollout/empty_step": 1.0}
+                    _step_schedule(sched)
+                    signal, rewards_B = None, torch.zeros(0, dtype=torch.float64)
+                    t2 = t3 = t1
+                else:
+                    # 2. teacher scoring: exactly the signal the objective declared (TeacherRequest), any backend
+                    signal = teacher.score(batch, request)
+                    teacher_tokens += int(batch.eos_mask_BT.sum())
+                    t2 = time.perf_counter()
+                    texts = decode(m, batch)
+                    rewards_B = torch.tensor([source.score(t, r) for t, r in zip(texts, batch.records_B, strict=True)],
+                                             dtype=torch.float64)
+                    task_rewards = rewards_B if cfg.task_reward else None
+                    # 3-4. objective and update
+                    metrics = update(cfg, m, opt, sched, batch, signal, task_rewards, behaviour_BT)
+                    t3 = time.perf_counter()
+                done = step + 1
+                batches.after_update(student, done)  # the engine samples with the new weights (weight_sync_steps)
+                t4 = time.perf_counter()
+                if metrics["skipped"]:
+                    skipped_streak, skipped_total = skipped_streak + 1, skipped_total + 1
+                    say(f"opdkit: step {done}: non-finite loss {metrics['skipped_loss']:.4g} / gradient norm "
+                        f"{metrics['skipped_grad_norm']:.4g}: optimizer step skipped, weights unchanged "
+                        f"({skipped_streak} in a row; the run stops at {cfg.optim.max_skipped_steps})")
+                else:
+                    skipped_streak = 0
+                n_gen = int(batch.eos_mask_BT.sum())
+                metrics.update({
+                    "train/accuracy": rewards_B.mean().item() if rewards_B.numel() else math.nan,
+                    "on_policy": float(plan.on_policy),
+                    "response_length/mean": batch.response_lengths_B.double().mean().item() if n_gen else 0.0,
+                    "response_length/max": int(batch.response_lengths_B.max()) if n_gen else 0,
+                    "finished_frac": batch.finished_B.double().mean().item() if n_gen else 0.0,
+                    "prompts_too_long": plan.report["n_too_long"], "teacher_tokens": teacher_tokens,
+                    "skipped_total": skipped_total, **teacher.stats(), **batches.stats(), **stale_metrics,
+                    **rollout_timing, "lr": sched.get_last_lr()[0], "time/generate": t1 - t0, "time/score": t2 - t1,
+                    "time/update": t3 - t2, "time/weight_sync": t4 - t3,
+                    "tokens_per_s/generate": n_gen / max(t1 - t0, 1e-9),
+                    "tokens_per_s/score": n_gen / max(t2 - t1, 1e-9),
+                    "tokens_per_s/update": n_gen * cfg.optim.ppo_epochs / max(t3 - t2, 1e-9),
+                })
+                # The held-out eval of this step goes into this step's record (the last step's is the final eval).
+                if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
+                    metrics.update(evaluate_greedy(m, source, cfg, batches))
+                    if done == cfg.steps:
+                        summary["final"] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+                metrics["time/step"] = time.perf_counter() - t0
+                found = detector.update(done, metrics)
+                metrics["warnings"] = [w.to_dict() for w in found]
+                for w in found:
+                    progress.print(w.line())
+                logger.log(done, metrics)
+                progress.update(done, {"loss": metrics["loss"], "acc": metrics["train/accuracy"],
+                                       "reward": metrics.get("reward/mean", 0.0), "gnorm": metrics["grad_norm"]})
+                diverged = skipped_streak >= cfg.optim.max_skipped_steps
+                if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or diverged or stop.requested:
+                    ckpt = checkpoint(done)
+                if diverged:
+                    raise RunFailed(
+                        f"{skipped_streak} consecutive steps had a non-finite loss or gradient norm (last: loss "
+                        f"{metrics['skipped_loss']:.4g}, gradient norm {metrics['skipped_grad_norm']:.4g}); stopped "
+                        f"at step {done} with a checkpoint of the last finite weights ({ckpt}); fix: lower "
+                        "optim.lr, set optim.grad_clip > 0 or change the objective's extreme knobs, then resume=true")
+                if stop.requested and done < cfg.steps:
+                    raise stop.interrupted(f"opdkit: stopped after step {done}; checkpoint {ckpt}; continue with "
+                                           "the same command plus resume=true")
+        if "final" not in summary:  # a rerun of a finished run: evaluate for the summary, log nothing new
+            summary["final"] = evaluate_greedy(m, source, cfg, batches)
+    finally:
+        batches.close()
+        logger.close()
     if start < cfg.steps or not (run_dir / "final").is_dir():
         final = student.merge_and_unload() if cfg.model.lora_r > 0 else student
         save_model_dir(final, tok, run_dir / "final")

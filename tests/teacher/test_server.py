@@ -214,7 +214,7 @@ def test_transient_failures_are_retried(fake, embedded):
                                         ("positive", "invalid log-prob"), ("slow", "did not answer")])
 def test_bad_answers_stop_the_run_with_one_line(fake, embedded, mode, match):
     _, tok, batch = embedded
-    s = ServerTeacher(fake(mode, delay=1.5).url, timeout_s=0.5, retries=1)
+    s = ServerTeacher(fake(mode, delay=3.0).url, timeout_s=1.0 if mode == "slow" else 60.0, retries=1)
     with pytest.raises(ServerError, match=match) as exc:
         s.score(batch, TeacherRequest("sampled"))
     assert "\n" not in str(exc.value)

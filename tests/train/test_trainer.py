@@ -66,7 +66,9 @@ def test_masked_tokens_do_not_contribute_to_the_gradient(pair, tmp_path):
     from opdkit.teacher import TeacherRequest
 
     student, tok = setup.load_student(cfg.model, 0)
-    eos, pad, masked = loop._special_ids(student, tok, cfg.rollout.masked_tokens)
+    from opdkit.rollout.base import stop_ids
+
+    eos, pad, masked = stop_ids(student, tok, cfg.rollout.masked_tokens)
     backend = setup.build_teacher(cfg, student, tok, pad_token_id=pad)
     teacher = backend.model
     m = loop.Models(student, tok, backend, eos, pad, masked)
@@ -134,14 +136,16 @@ def test_opsd_teacher_sees_privileged_context_and_student_does_not(pair, tmp_pat
         seen["teacher_prompt"] = ids[:, :P]
         return real_score(model, ids, att, P, *a, **k)
 
-    real_generate = loop.generate
+    from opdkit.rollout import hf as rollout_hf
+
+    real_generate = rollout_hf.generate
 
     def spy_gen(model, prompt_ids, **k):
         seen["student_prompts"] = prompt_ids
         return real_generate(model, prompt_ids, **k)
 
     monkeypatch.setattr(teacher_hf, "score", spy)
-    monkeypatch.setattr(loop, "generate", spy_gen)
+    monkeypatch.setattr(rollout_hf, "generate", spy_gen)
     _run(pair, tmp_path / "opsd", "model.teacher=self", "teacher.privileged_template='{prompt} SOLUTION {privileged}'",
          steps=1)
     from transformers import AutoTokenizer
