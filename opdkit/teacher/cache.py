@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from opdkit.errors import UserError, one_line
 from opdkit.objectives.signals import FullSignal, SampledSignal, TopKSignal
@@ -38,6 +38,7 @@ from opdkit.teacher.base import TeacherRequest
 MARKER = "opdkit-teacher-cache.json"
 INDEX = "index.jsonl"
 FORMAT = 1
+FIELDS = ("sampled", "topk_lp", "topk_ids", "hidden", "logprobs")
 
 
 def _sha256_file(path: Path) -> str:
@@ -130,19 +131,32 @@ class CachedTeacher:
         self._verified.add(shard)
         return True
 
-    def _read(self, key: str, request: TeacherRequest, T_b: int) -> dict | None:
-        shard, sha = self.index[key]
-        if not self._shard_ok(shard, sha):
-            return None
-        try:
-            with safe_open(str(self.dir / shard), framework="pt") as fh:
-                names = [n for n in fh.keys() if n.startswith(key + ".")]
-                row = {n.split(".", 1)[1]: fh.get_tensor(n) for n in names}
-        except Exception as exc:  # a corrupt shard: several exception types
-            self._bad_shards.add(shard)
-            self.notice(f"opdkit: teacher cache shard {self.dir / shard} cannot be read ({one_line(exc)[:100]}): "
-                        "its rows are recomputed")
-            return None
+    def _read_all(self, keys: list[str], request: TeacherRequest, lens: list[int]) -> list[dict | None]:
+        """The cached rows of `keys` (None where absent or unusable), each shard opened once."""
+        out: list[dict | None] = [None] * len(keys)
+        by_shard: dict[str, list[int]] = {}
+        for i, k in enumerate(keys):
+            if k in self.index:
+                by_shard.setdefault(self.index[k][0], []).append(i)
+        for shard, idx in by_shard.items():
+            if not self._shard_ok(shard, self.index[keys[idx[0]]][1]):
+                continue
+            try:
+                with safe_open(str(self.dir / shard), framework="pt") as fh:
+                    names = set(fh.keys())
+                    rows = {i: {f: fh.get_tensor(f"{keys[i]}.{f}") for f in FIELDS if f"{keys[i]}.{f}" in names}
+                            for i in idx}
+            except Exception as exc:  # a corrupt shard: several exception types
+                self._bad_shards.add(shard)
+                self.notice(f"opdkit: teacher cache shard {self.dir / shard} cannot be read "
+                            f"({one_line(exc)[:100]}): its rows are recomputed")
+                continue
+            checked = {i: self._check_row(row, shard, request, lens[i]) for i, row in rows.items()}
+            for i, row in checked.items():  # one bad entry condemns its whole shard
+                out[i] = None if shard in self._bad_shards else row
+        return out
+
+    def _check_row(self, row: dict, shard: str, request: TeacherRequest, T_b: int) -> dict | None:
         need = {"sampled": ["sampled"], "topk": ["topk_lp", "topk_ids"], "full": []}[request.kind]
         if request.kind == "topk" and request.need_sampled:
             need.append("sampled")
@@ -165,8 +179,7 @@ class CachedTeacher:
     def score(self, batch: RolloutBatch, request: TeacherRequest):
         keys = self._row_keys(batch, request)
         lens = batch.eos_mask_BT.sum(-1).tolist()
-        rows: list[dict | None] = [self._read(k, request, int(n)) if k in self.index else None
-                                   for k, n in zip(keys, lens, strict=True)]
+        rows = self._read_all(keys, request, [int(n) for n in lens])
         miss = [b for b, r in enumerate(rows) if r is None]
         self.hits += len(rows) - len(miss)
         self.misses += len(miss)
@@ -201,9 +214,10 @@ class CachedTeacher:
         shard = f"shard-{uuid.uuid4().hex[:16]}.safetensors"
         tmp = self.dir / f".{shard}.tmp"
         try:
-            save_file(tensors, str(tmp))
+            data = save(tensors)
+            sha = hashlib.sha256(data).hexdigest()
+            tmp.write_bytes(data)
             os.replace(tmp, self.dir / shard)
-            sha = _sha256_file(self.dir / shard)
             with open(self.dir / INDEX, "a", encoding="utf-8") as fh:
                 for key in keys:
                     fh.write(json.dumps({"key": key, "shard": shard, "sha256": sha}) + "\n")
@@ -211,7 +225,7 @@ class CachedTeacher:
             tmp.unlink(missing_ok=True)
             self.notice(f"opdkit: teacher cache {self.dir} not written ({one_line(exc)[:120]}); scoring goes on")
             return
-        self.bytes_written += (self.dir / shard).stat().st_size
+        self.bytes_written += len(data)
         for key in keys:
             self.index[key] = (shard, sha)
         self._verified.add(shard)
