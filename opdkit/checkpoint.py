@@ -44,6 +44,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 MANIFEST_FILE = "manifest.json"
+DCP_DIR = "dcp"  # a sharded checkpoint (torchrun runs): torch.distributed.checkpoint files instead of MODEL_FILE
 TMP_PREFIX = ".tmp-"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _ALIASES_KEY = "opdkit_aliases"
@@ -99,7 +100,11 @@ def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
     p = Path(path)
-    return p.is_dir() and (p / MODEL_FILE).is_file() and (p / STATE_FILE).is_file()
+    return p.is_dir() and (p / STATE_FILE).is_file() and ((p / MODEL_FILE).is_file() or is_sharded_checkpoint(p))
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / DCP_DIR / ".metadata").is_file()
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -165,7 +170,7 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != info.get("size") or _sha256(f) != info.get("sha256"):
             return f"{name} differs from {MANIFEST_FILE} (size or SHA-256): the file was changed or corrupted"
-    for required in (MODEL_FILE, STATE_FILE):
+    for required in (f"{DCP_DIR}/.metadata" if is_sharded_checkpoint(p) else MODEL_FILE, STATE_FILE):
         if required not in files:
             return f"{MANIFEST_FILE} does not list {required}"
     try:
@@ -285,22 +290,71 @@ def save_checkpoint(
         (tmp / STATE_FILE).write_text(state_json, encoding="utf-8")
         if sidecar is not None:
             sidecar(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync_file(f)
-        # the manifest last: a checkpoint dir without it (or with files that differ from it) is never used
-        (tmp / MANIFEST_FILE).write_text(json.dumps(_manifest(tmp, step), indent=1), encoding="utf-8")
-        _fsync_file(tmp / MANIFEST_FILE)
-        _fsync_dir(tmp)
-        _swap_into_place(tmp, final)
+        _seal(tmp, final, step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _keep_newest(run_dir, final, keep_last)
+    return final
+
+
+def _seal(tmp: Path, final: Path, step: int) -> None:
+    """fsync everything, write the manifest LAST (a checkpoint dir without it, or with files that differ from it,
+    is never used), then rename the temp dir into place."""
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            _fsync_file(f)
+    (tmp / MANIFEST_FILE).write_text(json.dumps(_manifest(tmp, step), indent=1), encoding="utf-8")
+    _fsync_file(tmp / MANIFEST_FILE)
+    _fsync_dir(tmp)
+    _swap_into_place(tmp, final)
+
+
+def _keep_newest(run_dir, final: Path, keep_last: int | None) -> None:
     if keep_last is not None and keep_last > 0:
         older = [d for _, d in list_checkpoints(run_dir) if d != final]
-        n_keep_older = keep_last - 1
-        for d in older[: max(0, len(older) - n_keep_older)]:
+        for d in older[: max(0, len(older) - (keep_last - 1))]:
             _remove_dir(d)
+
+
+def save_sharded_checkpoint(run_dir, step: int, model, optimizer, scheduler, dist, *, extra: dict | None = None,
+                            keep_last: int | None = None, sidecar: Callable[[Path], None] | None = None) -> Path:
+    """`save_checkpoint` for an FSDP2 student under torchrun (a collective: every rank calls it): model and optimizer
+    as a sharded torch.distributed.checkpoint in `dcp/` (loadable at any world size), the scheduler, state.json,
+    sidecar and manifest by rank 0, one RNG file per rank; the same atomic rename and manifest."""
+    from opdkit.fsdp import save_dcp
+
+    local_bad = first_nonfinite({k: getattr(v, "_local_tensor", v) for k, v in model.state_dict().items()})
+    if dist.max(0.0 if local_bad is None else 1.0):
+        raise RunFailed(f"refusing to save a checkpoint of step {step}: a weight is not finite (NaN/inf)")
+    root = Path(run_dir) / CHECKPOINTS
+    final = checkpoint_path(run_dir, step)
+    tmp = None
+    if dist.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = str(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=root))
+    tmp = Path(dist.broadcast(tmp))
+    try:
+        save_dcp(tmp / DCP_DIR, model, optimizer)
+        torch.save(_rng_state(), tmp / f"rng-{dist.rank}.pt")
+        dist.barrier()
+        if dist.is_main:
+            if scheduler is not None:
+                torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+            state = {"step": int(step), "time": time.time(), "extra": extra or {}, "world": dist.world}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, allow_nan=True), encoding="utf-8")
+            if sidecar is not None:
+                sidecar(tmp)
+            _seal(tmp, final, step)
+    except BaseException:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dist.barrier()
+    if dist.is_main:
+        _keep_newest(run_dir, final, keep_last)
     return final
 
 
@@ -339,6 +393,9 @@ def load_model_state(path: str | os.PathLike, model: torch.nn.Module) -> None:
         problem = verify_checkpoint(p)
         if problem is not None:
             raise UserError(f"checkpoint {p} is damaged: {problem}")
+    if p.is_dir() and is_sharded_checkpoint(p):
+        _load_sharded(p, model, None)
+        return
     try:
         with safe_open(str(f), framework="pt") as fh:
             meta = fh.metadata() or {}
@@ -381,7 +438,18 @@ def load_checkpoint(
     if not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool) or state["step"] < 0:
         raise UserError(f"{p / STATE_FILE}: step {state.get('step')!r} is not a non-negative integer; fix: use an "
                         "intact checkpoint")
-    load_model_state(p, model)
+    sharded = is_sharded_checkpoint(p)
+    if sharded:  # model + optimizer from torch.distributed.checkpoint, resharded to this run's world size
+        if (p / MANIFEST_FILE).exists() and (problem := verify_checkpoint(p)) is not None:
+            raise UserError(f"checkpoint {p} is damaged: {problem}")
+        _load_sharded(p, model, optimizer)
+    else:
+        from opdkit.fsdp import is_sharded
+
+        if is_sharded(model):
+            raise UserError(f"checkpoint {p} was written by a single-process run; resume it without torchrun (its "
+                            "next checkpoints are then ordinary ones), or start the torchrun run afresh")
+        load_model_state(p, model)
 
     def read(name: str):
         try:
@@ -389,7 +457,7 @@ def load_checkpoint(
         except Exception as exc:  # a truncated file, a foreign or blocked pickle: several exception types
             raise UserError(f"cannot read {p / name}: {one_line(exc)[:200]}; fix: use an intact checkpoint") from None
 
-    for obj, name in ((optimizer, OPTIMIZER_FILE), (scheduler, SCHEDULER_FILE)):
+    for obj, name in ((None if sharded else optimizer, OPTIMIZER_FILE), (scheduler, SCHEDULER_FILE)):
         if obj is None:
             continue
         if not (p / name).is_file():
@@ -399,15 +467,44 @@ def load_checkpoint(
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise UserError(f"{p / name} does not fit this run ({one_line(exc)[:200]}); fix: resume with the "
                             "model and optimizer settings that wrote it") from None
+    rng_file = RNG_FILE
+    if sharded:  # one RNG file per rank; a run at another world size takes rank 0's for the ranks it lacks
+        rank_file = f"rng-{int(os.environ.get('RANK', '0'))}.pt"
+        rng_file = rank_file if (p / rank_file).is_file() else "rng-0.pt"
     if restore_rng:
-        if (p / RNG_FILE).is_file():
+        if (p / rng_file).is_file():
             try:
-                _set_rng_state(read(RNG_FILE))
+                _set_rng_state(read(rng_file))
             except (ValueError, KeyError, TypeError, IndexError) as exc:
-                raise UserError(f"{p / RNG_FILE} is not an RNG state ({one_line(exc)[:200]})") from None
+                raise UserError(f"{p / rng_file} is not an RNG state ({one_line(exc)[:200]})") from None
         else:
-            warnings.warn(f"checkpoint {p} has no {RNG_FILE}; RNG state not restored", stacklevel=2)
+            warnings.warn(f"checkpoint {p} has no {rng_file}; RNG state not restored", stacklevel=2)
     return state
+
+
+def _load_sharded(p: Path, model, optimizer) -> None:
+    from opdkit.fsdp import load_dcp
+
+    try:
+        if optimizer is not None:
+            load_dcp(p / DCP_DIR, model, optimizer)
+        else:
+            import torch.distributed as dist
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+            state = {"model": get_model_state_dict(model)}
+            single = not (dist.is_available() and dist.is_initialized())
+            with warnings.catch_warnings():  # one process reading a torchrun checkpoint: intended
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+                dcp.load(state, checkpoint_id=str(p / DCP_DIR), no_dist=single)
+            set_model_state_dict(model, state["model"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UserError(f"sharded checkpoint {p} does not fit this run ({one_line(exc)[:300]})") from None
+    bad = next((n for n, t in model.named_parameters() if t.is_floating_point() and t.numel()
+                and not bool(torch.isfinite(getattr(t, "_local_tensor", t)).all())), None)
+    if bad is not None:
+        raise UserError(f"checkpoint {p} holds non-finite weights ({bad} has NaN/inf); fix: use an earlier checkpoint")
 
 
 # ----------------------------------------------------------------------------------------------------------- HF dirs

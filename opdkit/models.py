@@ -66,11 +66,13 @@ def resolve_dtype(name: str) -> torch.dtype:
         return torch.float32
     if name == "bfloat16":
         return torch.bfloat16
+    if name == "float64":
+        return torch.float64
     if name == "auto":
         if torch.cuda.is_available():
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    raise ValueError(f"dtype {name!r} is not one of auto, float32, bfloat16")
+    raise ValueError(f"dtype {name!r} is not one of auto, float32, bfloat16, float64")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

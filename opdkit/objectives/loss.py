@@ -278,7 +278,7 @@ def opd_per_token_loss(cfg: ObjectiveConfig, *, tokens_BT: Tensor, mask_BT: Tens
                        temperature: float = 1.0, old_logprobs_BT: Tensor | None = None,
                        advantages_BT: Tensor | None = None, task_rewards_B: Tensor | None = None,
                        divergence: Divergence | None = None, behaviour_logprobs_BT: Tensor | None = None,
-                       is_truncation: float = 2.0) -> tuple[PerTokenLoss, dict]:
+                       is_truncation: float = 2.0, selected_BT: Tensor | None = None) -> tuple[PerTokenLoss, dict]:
     """Per-token OPD loss for any objective configuration, plus metrics.
 
     Student: `logits_BTV` [B, T, V], or `hidden_BTH` [B, T, H] + `lm_head_weight_VH` [V, H] (chunked: no [B, T, V]).
@@ -290,7 +290,8 @@ def opd_per_token_loss(cfg: ObjectiveConfig, *, tokens_BT: Tensor, mask_BT: Tens
     older policy (asynchronous OPD), the behaviour policy's log-probs of the tokens (NaN where a row is on-policy):
     each such token's loss is weighted by the truncated importance weight min(pi_theta / pi_behaviour,
     is_truncation), detached (truncated IS: Espeholt et al. 2018, IMPALA; Yao et al. 2025 for the same correction
-    between a vLLM sampler and the trainer)."""
+    between a vLLM sampler and the trainer). `selected_BT`: the tokens entropy selection keeps, decided by the caller
+    on the whole batch (`token_entropies` + `select_by_entropy`), instead of on these rows alone."""
     src = StudentSource(logits_BTV, hidden_BTH, lm_head_weight_VH, lm_head_bias_V, temperature)
     _check_inputs(cfg, src, tokens_BT, mask_BT, teacher, old_logprobs_BT, task_rewards_B, advantages_BT)
     div = divergence or divergence_of(cfg)
@@ -302,8 +303,11 @@ def opd_per_token_loss(cfg: ObjectiveConfig, *, tokens_BT: Tensor, mask_BT: Tens
     logp = cols["logp"]
     _check_student_rows(src, logp, cols["ent_s"], mask)
 
-    keep = S.select_by_entropy(cols["ent_t"] if select_teacher else cols["ent_s"], mask, cfg.entropy_keep_fraction,
-                               cfg.entropy_scope)
+    if selected_BT is not None:
+        keep = mask & selected_BT.bool()
+    else:
+        keep = S.select_by_entropy(cols["ent_t"] if select_teacher else cols["ent_s"], mask, cfg.entropy_keep_fraction,
+                                   cfg.entropy_scope)
     metrics: dict = {"masked_frac": 1.0 - (mask.sum().item() / max(mask.numel(), 1)),
                      "selected_frac": keep.sum().item() / max(mask.sum().item(), 1),
                      "num_tokens": int(keep.sum().item()),
@@ -342,6 +346,21 @@ def opd_per_token_loss(cfg: ObjectiveConfig, *, tokens_BT: Tensor, mask_BT: Tens
             metrics["is_weight/truncated_frac"] = (log_w[stale] >= math.log(is_truncation) - 1e-12).double().mean().item()
     loss = loss * keep.to(loss.dtype)
     return PerTokenLoss(loss, keep, adv), metrics
+
+
+@torch.no_grad()
+def token_entropies(cfg: ObjectiveConfig, *, tokens_BT: Tensor, mask_BT: Tensor, teacher: TeacherSignal,
+                    logits_BTV: Tensor | None = None, hidden_BTH: Tensor | None = None,
+                    lm_head_weight_VH: Tensor | None = None, lm_head_bias_V: Tensor | None = None,
+                    temperature: float = 1.0) -> Tensor:
+    """The per-token entropy that entropy selection ranks by (objective.entropy_source: the student's, or the
+    teacher's — exact for full, on the renormalised support for topk), [B, T], zero where masked. A caller that
+    splits a batch (micro-batches, ranks) computes it for every part, selects once on the whole batch, and passes
+    the result as `opd_per_token_loss(selected_BT=...)`."""
+    src = StudentSource(logits_BTV, hidden_BTH, lm_head_weight_VH, lm_head_bias_V, temperature)
+    dense_teacher = teacher if isinstance(teacher, (FullSignal, TopKSignal)) else None
+    cols = chunked_positions(cfg, divergence_of(cfg), src, tokens_BT, mask_BT.bool(), dense_teacher, True)
+    return (cols["ent_t"] if cfg.entropy_source == "teacher" else cols["ent_s"]).detach()
 
 
 def aggregate(loss_BT: Tensor, mask_BT: Tensor, mode: str = "token_mean", *, num_tokens: float | None = None,

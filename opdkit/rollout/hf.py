@@ -57,7 +57,11 @@ def _generate_rows(
         logits_BV = logits_BV.float()
         filt_BV = filter_logits(logits_BV, temperature, top_p, top_k)
         samp_logp_BV = torch.log_softmax(filt_BV, dim=-1)
-        tok_B = sampler(samp_logp_BV.exp(), generator).to(torch.long)
+        probs_BV = samp_logp_BV.exp()
+        if isinstance(generator, (list, tuple)):  # one generator per row: samples independent of the batching
+            tok_B = torch.cat([sampler(probs_BV[i:i + 1], g) for i, g in enumerate(generator)]).to(torch.long)
+        else:
+            tok_B = sampler(probs_BV, generator).to(torch.long)
         alive_B = ~done_B
         tok_B = torch.where(alive_B, tok_B, torch.full_like(tok_B, pad_token_id))
         tok_B1 = tok_B.unsqueeze(-1)
@@ -102,7 +106,7 @@ def generate(
     pad_token_id: int,
     masked_token_ids: Iterable[int] = (),
     sampler: Sampler = inverse_cdf_sample,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     batch_size: int | None = None,
 ) -> RolloutBatch:
     """Sample `n_samples` responses per prompt; returns a `RolloutBatch` (see the module docstring for the layout).
@@ -111,7 +115,9 @@ def generate(
     every row is padded to the same P and T whatever the chunking. `sampler(probs_BV, generator)` draws from the
     processed distribution (temperature, then top-k, then top-p; temperature 0 = greedy). The model runs in eval
     mode under no_grad; its previous train/eval mode is restored afterwards. A seeded `generator` (on the model's
-    device) makes the rollout deterministic.
+    device) makes the rollout deterministic; a list of generators, one per row (prompt-major, `n_samples` rows per
+    prompt), makes every row's sample independent of which other rows share the batch (a prompt gives the same
+    sample on any rank of a distributed run).
     """
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples={n_samples!r} must be an integer >= 1")
@@ -140,7 +146,8 @@ def generate(
             _generate_rows(
                 model, ids_BP[s:s + bs], mask_BP[s:s + bs], max_new_tokens=max_new_tokens, temperature=temperature,
                 top_p=top_p, top_k=top_k, eos_B=eos_B, pad_token_id=pad_token_id, sampler=sampler,
-                generator=generator, prefill_kw=prefill_kw,
+                generator=generator[s:s + bs] if isinstance(generator, (list, tuple)) else generator,
+                prefill_kw=prefill_kw,
             )
             for s in range(0, B, bs)
         ]

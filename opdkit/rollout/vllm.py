@@ -47,25 +47,46 @@ EXTENSION = f"{EXTENSION_MODULE}.WeightSync"
 SERVED_NAME = "student"
 
 
-def extension_dir() -> Path:
-    """A temp dir holding the worker extension as a top-level module (the server's PYTHONPATH): it imports only
-    torch and safetensors, so the vLLM environment needs no opdkit."""
-    d = Path(tempfile.mkdtemp(prefix="opdkit-vllm-ext-"))
+def extension_dir(parent: Path) -> Path:
+    """A dir under `parent` holding the worker extension as a top-level module (the server's PYTHONPATH): it
+    imports only torch and safetensors, so the vLLM environment needs no opdkit."""
+    d = Path(parent) / "ext"
+    d.mkdir(parents=True, exist_ok=True)
     shutil.copy(Path(__file__).with_name("vllm_worker.py"), d / f"{EXTENSION_MODULE}.py")
     return d
 
 
 def merged_state_dict(student) -> dict[str, torch.Tensor]:
     """The student's weights as HF-named tensors for the engine (a peft model: LoRA merged into a copy)."""
+    from opdkit.checkpoint import split_shared
+    from opdkit.fsdp import full_state_dict, is_sharded
+
+    if is_sharded(student):
+        state = full_state_dict(student)
+        if student.config.tie_word_embeddings:  # vLLM ties the head itself
+            state.pop("lm_head.weight", None)
+        return state
     model = student
     if hasattr(student, "merge_and_unload"):
         import copy
 
         model = copy.deepcopy(student).merge_and_unload()
-    from opdkit.checkpoint import split_shared
-
     tensors, _aliases = split_shared(model.state_dict())  # a tied lm_head once: vLLM ties it itself
     return tensors
+
+
+def write_model_dir(state: dict[str, torch.Tensor], config, tokenizer, out: Path) -> Path:
+    """A HF model dir from full tensors (e.g. gathered from FSDP2 shards) and the model's config."""
+    from safetensors.torch import save_file
+
+    from opdkit.checkpoint import split_shared
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, _ = split_shared(state)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
 
 
 def save_student_dir(student, tokenizer, out: Path) -> Path:
@@ -151,7 +172,8 @@ class _ServerEngine:
 class _LocalEngine:
     """vllm.LLM in this process (colocated with the trainer)."""
 
-    def __init__(self, model_dir: str, *, dtype: str, max_model_len: int, gpu_memory_utilization: float):
+    def __init__(self, model_dir: str, *, dtype: str, max_model_len: int, gpu_memory_utilization: float,
+                 work: Path):
         try:
             import vllm  # noqa: F401
         except ImportError:
@@ -161,7 +183,7 @@ class _LocalEngine:
 
         from vllm import LLM
 
-        ext = extension_dir()
+        ext = extension_dir(work)
         sys.path.insert(0, str(ext))
         os.environ["PYTHONPATH"] = os.pathsep.join([str(ext), os.environ.get("PYTHONPATH", "")])
         self.llm = LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len, logprobs_mode="raw_logprobs",
@@ -207,7 +229,10 @@ class VLLMRollout:
     """Rollouts from a vLLM engine (see the module docstring). Build it with `VLLMRollout.start(...)`."""
 
     def __init__(self, engine, work_dir: Path, *, weight_sync_steps: int = 1):
+        from opdkit.dist import Dist
+
         self.engine, self.work_dir = engine, Path(work_dir)
+        self.dist = Dist()  # under torchrun: every rank gathers the weights, rank 0 pushes them
         self.weight_sync_steps = int(weight_sync_steps)
         self.version = 0
         self._sync_s = 0.0
@@ -220,18 +245,18 @@ class VLLMRollout:
               dtype: str = "float32", max_model_len: int = 512, kv_cache_gib: int = 1, launch_args=(),
               startup_timeout_s: float = 600.0, timeout_s: float = 300.0, retries: int = 2, concurrency: int = 4,
               rows_per_request: int = 16, weight_sync_steps: int = 1, gpu_memory_utilization: float = 0.3,
-              version: int = 0) -> VLLMRollout:
+              version: int = 0, push: bool = True, model_dir: str | None = None) -> VLLMRollout:
         work = Path(tempfile.mkdtemp(prefix="opdkit-vllm-rollout-"))
         try:
             if mode == "colocate":
                 model_dir = save_student_dir(student, tokenizer, work / "student")
                 engine = _LocalEngine(str(model_dir), dtype=dtype, max_model_len=max_model_len,
-                                      gpu_memory_utilization=gpu_memory_utilization)
+                                      gpu_memory_utilization=gpu_memory_utilization, work=work)
             else:
                 launched = None
                 if url is None:
-                    model_dir = save_student_dir(student, tokenizer, work / "student")
-                    ext = extension_dir()
+                    model_dir = model_dir or save_student_dir(student, tokenizer, work / "student")
+                    ext = extension_dir(work)
                     env = {"VLLM_SERVER_DEV_MODE": "1",
                            "PYTHONPATH": os.pathsep.join(x for x in (str(ext), os.environ.get("PYTHONPATH")) if x)}
                     launched = LaunchedServer(str(model_dir), python=python, dtype=dtype, max_logprobs=8,
@@ -251,7 +276,7 @@ class VLLMRollout:
             shutil.rmtree(work, ignore_errors=True)
             raise
         r = cls(engine, work, weight_sync_steps=weight_sync_steps)
-        if mode != "colocate" and engine.launched is None:  # a server started elsewhere: give it these weights
+        if push and mode != "colocate" and engine.launched is None:  # a server started elsewhere: these weights
             r.load_weights(student, version, force=True)
         r.version = int(version)
         return r
@@ -278,11 +303,14 @@ class VLLMRollout:
         t0 = time.perf_counter()
         from safetensors.torch import save_file
 
-        path = self.work_dir / f"weights-{int(version) % 2}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file(merged_state_dict(student), str(tmp))
-        os.replace(tmp, path)
-        self.engine.load_weights(str(path))
+        state = merged_state_dict(student)  # a collective for an FSDP2 student: full tensors on every rank
+        if self.dist.is_main:
+            path = self.work_dir / f"weights-{int(version) % 2}.safetensors"
+            tmp = path.with_suffix(".tmp")
+            save_file(state, str(tmp))
+            os.replace(tmp, path)
+            self.engine.load_weights(str(path))
+        self.dist.barrier()
         self.version = int(version)
         self._sync_s += time.perf_counter() - t0
         self._syncs += 1

@@ -192,6 +192,22 @@ def score_rollout(model, rollout, **kw) -> SampledSignal | TopKSignal | FullSign
                  rollout.response_mask_BT, **kw)
 
 
+def score_any(model, *args, **kw):
+    """`score` for a model that may be sharded with FSDP2 (under torchrun): its parameters are gathered for the
+    call (a collective: every rank scores once per step), and a full signal gets its own copy of the lm_head (the
+    gathered one is freed when the model reshards)."""
+    from opdkit.fsdp import is_sharded, unsharded
+
+    if not is_sharded(model):
+        return score(model, *args, **kw)
+    with unsharded(model):
+        sig = score(model, *args, **kw)
+        if isinstance(sig, FullSignal) and sig.head_weight_VH is not None:
+            sig.head_weight_VH = sig.head_weight_VH.detach().clone()
+            sig.head_bias_V = None if sig.head_bias_V is None else sig.head_bias_V.detach().clone()
+    return sig
+
+
 def _model_identity(model) -> str:
     """Name, config and a fingerprint of the weights of a HF model (for cache keys): the model's own path and the
     size/mtime of its weight files when it was loaded from disk, else a hash of every parameter."""
@@ -250,7 +266,8 @@ class HFTeacher:
         return next(self.model.parameters()).dtype
 
     def score(self, batch: RolloutBatch, request: TeacherRequest):
-        return score_rollout(self.model, batch, **request.score_kwargs())
+        return score_any(self.model, batch.input_ids_BL, batch.attention_mask_BL, batch.prompt_len,
+                         batch.response_ids_BT, batch.response_mask_BT, **request.score_kwargs())
 
     def full_head(self, request: TeacherRequest):
         return _full_head(self.model, request)
@@ -308,8 +325,8 @@ class SelfTeacher:
 
     def score(self, batch: RolloutBatch, request: TeacherRequest):
         ti = self.teacher_inputs(batch)
-        return score(self.model, ti.input_ids_BL, ti.attention_mask_BL, ti.prompt_len, batch.response_ids_BT,
-                     batch.response_mask_BT, **request.score_kwargs())
+        return score_any(self.model, ti.input_ids_BL, ti.attention_mask_BL, ti.prompt_len, batch.response_ids_BT,
+                         batch.response_mask_BT, **request.score_kwargs())
 
     def identity(self) -> str | None:
         if self.live:  # its scores change with every optimizer step: never cached

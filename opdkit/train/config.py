@@ -14,7 +14,7 @@ from opdkit.objectives.config import ObjectiveConfig
 
 EMBEDDED_STUDENT = "embedded:student"
 EMBEDDED_TEACHER = "embedded:teacher"
-DTYPES = ("auto", "float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16", "float64")
 TEACHER_BACKENDS = ("hf", "self", "self_live", "server")
 
 
@@ -45,7 +45,8 @@ class ModelConfig:
     teacher_dtype: str | None = h("shorthand for teacher.dtype", default=None)
     tokenizer: str | None = h("tokenizer dir (needed when the student is built from a config; default: the "
                               "student's own)", default=None)
-    dtype: str = h("weights dtype for the student's master copy: float32 or bfloat16", default="float32")
+    dtype: str = h("weights dtype for the student's master copy: float32, bfloat16 or float64 (exactness tests)",
+                   default="float32")
     trust_remote_code: bool = h("allow model code from the checkpoint dir (off: only transformers' own classes)",
                                 default=False)
     gguf_cache_dir: str | None = h("where dequantised copies of .gguf models are cached (default "
@@ -56,7 +57,7 @@ class ModelConfig:
     lora_target_modules: list[str] = h("LoRA target module names", default_factory=lambda: ["q_proj", "v_proj"])
 
     def __post_init__(self) -> None:
-        _choice("model", "dtype", self.dtype, ("float32", "bfloat16"))
+        _choice("model", "dtype", self.dtype, ("float32", "bfloat16", "float64"))
         if self.teacher_dtype is not None:
             _choice("model", "teacher_dtype", self.teacher_dtype, DTYPES)
         _pos_int("model", "lora_r", self.lora_r, allow_zero=True)
@@ -161,6 +162,9 @@ class RolloutConfig:
                                   "synchronous", default=None)
     is_truncation: float = h("stale rows: per-token importance weight pi_theta / pi_behaviour truncated at this "
                              "(truncated IS, Espeholt et al. 2018; Yao et al. 2025 use 2)", default=2.0)
+    seed_per_prompt: bool = h("seed every row's sampling by (step, prompt, sample) instead of one generator per "
+                              "step: a prompt's samples then do not depend on the batch or rank that holds it "
+                              "(always on under torchrun)", default=False)
     vllm: VLLMRolloutConfig = field(default_factory=VLLMRolloutConfig)
 
     def __post_init__(self) -> None:
@@ -233,6 +237,8 @@ class TeacherConfig:
                                  default="{prompt}\n\nReference solution: {privileged}\n\n")
     score_chunk_size: int = h("positions per chunk when the teacher computes log-probs (peak O(chunk x V))",
                               default=1024)
+    shard: bool = h("under torchrun: shard a local teacher with FSDP2 (1/world of it at rest, gathered for each "
+                    "step's scoring) instead of a full copy per rank", default=False)
     server: ServerConfig = field(default_factory=ServerConfig)
     cache_dir: str | None = h("keep teacher scores on disk here and reuse them whenever the same teacher input is "
                               "scored again (resumed runs, reruns and grids that share rollouts, GKD reference data, "

@@ -19,11 +19,13 @@ Reads top to bottom: `train(cfg)` sets everything up, then each step
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,13 +35,19 @@ from opdkit.diagnostics import FailureDetector
 from opdkit.data.prompts import encode_prompts
 from opdkit.errors import RunFailed, UserError, run_cli
 from opdkit.objectives import opd_per_token_loss
-from opdkit.objectives.loss import aggregate, token_stats
-from opdkit.objectives.step import batch_terms, dense_reward
+from opdkit.dist import Dist, close_dist, init_dist
+from opdkit.fsdp import full_tensor
+from opdkit.objectives.loss import aggregate, token_entropies, token_stats
+from opdkit.objectives.step import dense_reward
+from opdkit.train.distributed import (NullLogger, check_distributed_config, gather_rows, global_batch_terms,
+                                      global_selection, micro_batches, on_main, own_rows, save_final,
+                                      shard_student)
 from opdkit.rollout import RolloutBatch
 from opdkit.rollout.base import stop_ids
 from opdkit.teacher import Teacher, TeacherRequest, check_serves
 from opdkit.train import setup
-from opdkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_dir
+from opdkit.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, save_model_dir,
+                               save_sharded_checkpoint)
 from opdkit.train.config import TrainConfig
 from opdkit.report.plots import plot_run, reward_histogram
 from opdkit.train.logging import Progress, prepare_run_dir
@@ -60,25 +68,47 @@ class Models:
     eos_ids: list[int]
     pad_id: int
     masked_ids: list[int]
+    dist: Dist = field(default_factory=Dist)  # world 1 without torchrun
 
 
 # ----------------------------------------------------------------------------------------------- update
 def update(cfg: TrainConfig, m: Models, opt, sched, batch: RolloutBatch, signal, task_rewards_B,
            behaviour_logprobs_BT=None) -> dict:
-    """Steps 3-4: advantages once per batch, then PPO epochs x micro-batches with global-count aggregation.
-    `behaviour_logprobs_BT`: rows sampled by an older policy (async OPD) get a truncated importance weight."""
-    obj = cfg.objective
+    """Steps 3-4: batch-level terms once per step on the WHOLE batch (every rank's rows: advantages with their
+    z-score / sign-max-abs statistics, entropy selection, token and sequence counts), then PPO epochs x
+    micro-batches of this rank's rows, each aggregated over the global counts, so the summed gradient (FSDP2 sums
+    across ranks) equals the full batch's. `behaviour_logprobs_BT`: rows sampled by an older policy (async OPD) get
+    a truncated importance weight."""
+    obj, dist = cfg.objective, m.dist
     mask_BT = batch.response_mask_BT.bool()
     old_lp_BT = batch.model_logprobs_BT
-    terms = batch_terms(obj, signal, old_lp_BT, mask_BT, task_rewards_B)  # once per batch, not per micro-batch
-    adv_BT, metrics = terms.advantages_BT, terms.metrics
-    if terms.raw_reward_BT is not None:
-        metrics["reward/hist"] = reward_histogram(terms.raw_reward_BT, mask_BT)
-    n_tokens = max(int(mask_BT.sum()), 1)
-    n_seqs = max(int((mask_BT.sum(-1) > 0).sum()), 1)
-    B, mb = batch.batch_size, cfg.optim.micro_batch_size
-    T = batch.response_len
+    B, mb, T = batch.batch_size, cfg.optim.micro_batch_size, batch.response_len
     pos_BL = batch.position_ids_BL()
+
+    def student_rows(rows):  # column P-1+t predicts response token t
+        out = m.student(input_ids=batch.input_ids_BL[rows], attention_mask=batch.attention_mask_BL[rows],
+                        position_ids=pos_BL[rows], logits_to_keep=T + 1)
+        return {"logits_BTV": out.logits[:, :-1]}
+
+    terms, spans, mask_all_BT = global_batch_terms(dist, obj, signal, old_lp_BT, mask_BT, task_rewards_B)
+    adv_BT, metrics = terms.advantages_BT, terms.metrics
+    if adv_BT is not None:
+        adv_BT = own_rows(dist, adv_BT, spans, B, T)
+    if terms.raw_reward_BT is not None and dist.is_main:
+        metrics["reward/hist"] = reward_histogram(terms.raw_reward_BT, mask_all_BT)
+    selected_BT = None
+    if obj.entropy_keep_fraction < 1.0:  # one selection for the whole batch, not per micro-batch or rank
+        with torch.no_grad():
+            ent = torch.zeros(B, T, dtype=torch.float64)
+            for rows, dummy in micro_batches(B, mb, dist):
+                e = token_entropies(obj, tokens_BT=batch.response_ids_BT[rows], mask_BT=_counted(mask_BT[rows], dummy),
+                                    teacher=signal.rows(rows), **student_rows(rows)).double()
+                if not dummy:
+                    ent[rows] = e
+        selected_BT = global_selection(dist, obj, ent, mask_BT)
+    count_BT = mask_BT if selected_BT is None else mask_BT & selected_BT
+    n_tokens = max(int(dist.sum(float(count_BT.sum()))), 1)
+    n_seqs = max(int(dist.sum(float((count_BT.sum(-1) > 0).sum()))), 1)
     m.student.train()
     reward_BT = torch.zeros(B, T, dtype=torch.float64)
     sums = {"entropy/student": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy/teacher": 0.0, "divergence": 0.0}
@@ -86,53 +116,63 @@ def update(cfg: TrainConfig, m: Models, opt, sched, batch: RolloutBatch, signal,
     for epoch in range(cfg.optim.ppo_epochs):
         opt.zero_grad(set_to_none=True)
         loss_total = 0.0
-        for start in range(0, B, mb):
-            rows = slice(start, min(start + mb, B))
-            out = m.student(input_ids=batch.input_ids_BL[rows], attention_mask=batch.attention_mask_BL[rows],
-                            position_ids=pos_BL[rows], logits_to_keep=T + 1)
-            logits_BTV = out.logits[:, :-1]  # column P-1+t predicts response token t
+        for rows, dummy in micro_batches(B, mb, dist):
             per, mm = opd_per_token_loss(
-                obj, tokens_BT=batch.response_ids_BT[rows], mask_BT=mask_BT[rows], teacher=signal.rows(rows),
-                logits_BTV=logits_BTV, old_logprobs_BT=old_lp_BT[rows] if obj.uses_old_logprobs else None,
+                obj, tokens_BT=batch.response_ids_BT[rows], mask_BT=_counted(mask_BT[rows], dummy), teacher=signal.rows(rows),
+                **student_rows(rows), old_logprobs_BT=old_lp_BT[rows] if obj.uses_old_logprobs else None,
                 advantages_BT=None if adv_BT is None else adv_BT[rows],
                 task_rewards_B=None if terms.task_rewards_B is None else terms.task_rewards_B[rows],
                 behaviour_logprobs_BT=None if behaviour_logprobs_BT is None else behaviour_logprobs_BT[rows],
-                is_truncation=cfg.rollout.is_truncation)
+                is_truncation=cfg.rollout.is_truncation,
+                selected_BT=None if selected_BT is None else selected_BT[rows])
             loss = aggregate(per.loss_BT, per.mask_BT, obj.aggregation, num_tokens=n_tokens, num_sequences=n_seqs)
             loss.backward()
             loss_total += loss.item()
-            if epoch == 0:
+            if epoch == 0 and not dummy:
                 w = mm["num_tokens"] / n_tokens
                 for k in sums:
                     sums[k] += w * mm.get(k, 0.0)
                 if adv_BT is None:
                     reward_BT[rows] = dense_reward(per)
+        loss_total = dist.sum(loss_total)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         gn = torch.nn.utils.clip_grad_norm_([p for p in m.student.parameters() if p.requires_grad], clip)
-        grad_norms.append(float(gn))
+        gn = float(full_tensor(gn))
+        grad_norms.append(gn)
         if epoch == 0:
             metrics["loss"] = loss_total
-        if not (math.isfinite(loss_total) and math.isfinite(float(gn))):
+        if not (math.isfinite(loss_total) and math.isfinite(gn)):
             # A non-finite loss or gradient norm would write NaN into the weights (or, clipped, make the update a
             # silent no-op): skip the optimizer step, leaving weights and AdamW state untouched (the caller logs it,
-            # counts consecutive skips and stops the run after optim.max_skipped_steps).
+            # counts consecutive skips and stops the run after optim.max_skipped_steps). Global values: every rank
+            # decides the same.
             opt.zero_grad(set_to_none=True)
             metrics["skipped"] = 1.0
-            metrics["skipped_loss"], metrics["skipped_grad_norm"] = loss_total, float(gn)
+            metrics["skipped_loss"], metrics["skipped_grad_norm"] = loss_total, gn
             break
         opt.step()
     metrics.setdefault("skipped", 0.0)
     _step_schedule(sched)
     m.student.eval()
-    if adv_BT is None:  # dense estimators: the "reward" is minus the per-token divergence
-        metrics.update(token_stats("reward", reward_BT, mask_BT, by_position=True))
-        metrics["reward/hist"] = reward_histogram(reward_BT, mask_BT)
+    if adv_BT is None:  # dense estimators: the "reward" is minus the per-token divergence (whole batch)
+        reward_all, _ = gather_rows(dist, reward_BT)
+        mask_all, _ = gather_rows(dist, mask_BT.to(torch.uint8))
+        if dist.is_main:
+            metrics.update(token_stats("reward", reward_all, mask_all.bool(), by_position=True))
+            metrics["reward/hist"] = reward_histogram(reward_all, mask_all.bool())
     for k, v in sums.items():
+        v = dist.sum(v)
         if k not in metrics and (v != 0.0 or k in ("entropy/student", "clip_frac")):
             metrics[k] = v
+    if selected_BT is not None:
+        metrics["selected_frac"] = n_tokens / max(dist.sum(float(mask_BT.sum())), 1.0)
     metrics["grad_norm"] = grad_norms[0]
     metrics["grad_norm_max_epoch"] = max(grad_norms)
     return metrics
+
+
+def _counted(mask_BT, dummy: bool):
+    return torch.zeros_like(mask_BT) if dummy else mask_BT
 
 
 def _step_schedule(sched) -> None:
@@ -144,19 +184,28 @@ def _step_schedule(sched) -> None:
 # ----------------------------------------------------------------------------------------------- eval
 def evaluate_greedy(m: Models, source: setup.PromptSource, cfg: TrainConfig, batches: StepBatches) -> dict:
     """Held-out accuracy with greedy decoding (avg@1) and mean response length, sampled by the run's rollout
-    backend with the current weights and the run's EOS ids (the same as `opdkit eval`)."""
+    backend with the current weights and the run's EOS ids (the same as `opdkit eval`). Under torchrun every rank
+    decodes its share of the held-out prompts."""
     if not source.eval_records:
         return {}
-    ids, report = encode_prompts(source.eval_records, m.tokenizer, use_chat_template=cfg.data.use_chat_template,
+    dist = m.dist
+    mine = dist.shard(source.eval_records) if dist.distributed else list(range(len(source.eval_records)))
+    ids, report = encode_prompts([source.eval_records[i] for i in (mine or [0])], m.tokenizer,
+                                 use_chat_template=cfg.data.use_chat_template,
                                  max_prompt_tokens=cfg.data.max_prompt_tokens, on_too_long="truncate")
     spec = sampling_spec(cfg, m.eos_ids, m.pad_id, m.masked_ids).greedy(batch_size=64)
-    batch = batches.eval_sample(ids, spec, m.student)
+    batch = batches.eval_sample(ids, spec, m.student)  # every rank samples (a rank without prompts: a dummy)
     texts = decode(m, batch)
-    recs = [source.eval_records[i] for i in report["kept_indices"]]
-    correct = [source.score(t, r) for r, t in zip(recs, texts, strict=True)]
+    rows = []
+    for j, t, n in zip(report["kept_indices"], texts, batch.response_lengths_B.tolist(), strict=True):
+        if mine:
+            r = source.eval_records[mine[j]]
+            rows.append((mine[j], source.score(t, r), n, source.route_key(r)))
+    rows = sorted(x for part in dist.gather(rows) for x in part)
+    correct = [c for _, c, _, _ in rows]
     out = {"eval/accuracy": sum(correct) / len(correct),
-           "eval/response_length": batch.response_lengths_B.double().mean().item()}
-    keys = [source.route_key(r) for r in recs]
+           "eval/response_length": sum(n for _, _, n, _ in rows) / len(rows)}
+    keys = [k for _, _, _, k in rows]
     if len({k for k in keys if k is not None}) > 1:  # a mixture (task:a+b, routed data): accuracy per key too
         for key in sorted({k for k in keys if k is not None}):
             vals = [c for c, k in zip(correct, keys, strict=True) if k == key]
@@ -186,7 +235,19 @@ def _scheduler(opt, cfg: TrainConfig):
 
 # ----------------------------------------------------------------------------------------------- main loop
 def train(cfg: TrainConfig) -> dict:
+    """`opdkit train`: the same code path in one process and under `torchrun` (FSDP2, docs/scaling.md)."""
+    dist = init_dist()  # world 1 without torchrun
+    try:
+        return _setup_and_train(cfg, dist)
+    finally:
+        close_dist(dist)
+
+
+def _setup_and_train(cfg: TrainConfig, dist: Dist) -> dict:
     torch.set_num_threads(cfg.threads)
+    if dist.distributed:
+        check_distributed_config(cfg, dist)
+        cfg.rollout.seed_per_prompt = True  # what a torchrun run does: recorded so that a 1-process resume matches
     # Set-up: everything that can fail on bad input happens before the run dir is written.
     source = setup.prompt_source(cfg.data, cfg.seed)
     if cfg.rollout.gkd_lambda < 1.0 and source.draw(random.Random(0), 1)[0].meta.get("completion") is None:
@@ -196,28 +257,30 @@ def train(cfg: TrainConfig) -> dict:
     frozen = setup.frozen_self_teacher(cfg, student)  # OPSD's frozen teacher: the initial weights, before LoRA
     student = setup.maybe_lora(student, cfg.model)
     eos, pad, masked = stop_ids(student, tok, cfg.rollout.masked_tokens)
-    teacher = setup.build_teacher(cfg, student, tok, frozen, pad_token_id=pad, source=source)
+    if dist.distributed:  # rank 0's weights on every rank, then FSDP2: each decoder layer and the root
+        student = shard_student(student, dist)
+    teacher = setup.build_teacher(cfg, student, tok, frozen, pad_token_id=pad, source=source, dist=dist)
     try:  # a teacher may hold a server it started: stopped however the run ends
         request = TeacherRequest.for_objective(cfg.objective, chunk_size=cfg.teacher.score_chunk_size)
         check_serves(teacher, request)  # a teacher that cannot give the objective's signal: one line, nothing written
-        return _train(cfg, source, Models(student, tok, teacher, eos, pad, masked), request)
+        return _train(cfg, source, Models(student, tok, teacher, eos, pad, masked, dist), request)
     finally:
         teacher.close()
 
 
 def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: TeacherRequest) -> dict:
-    student, tok, teacher = m.student, m.tokenizer, m.teacher
+    student, tok, teacher, dist = m.student, m.tokenizer, m.teacher, m.dist
     chash = config_hash(cfg, exclude=RESUMABLE_KNOBS)
-    run_dir = prepare_run_dir(cfg.run_dir, chash, resume=cfg.resume, overwrite=cfg.overwrite, config=cfg,
-                              exclude=RESUMABLE_KNOBS)
+    run_dir = on_main(dist, lambda: prepare_run_dir(cfg.run_dir, chash, resume=cfg.resume, overwrite=cfg.overwrite,
+                                                     config=cfg, exclude=RESUMABLE_KNOBS))
 
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                             weight_decay=cfg.optim.weight_decay)
     sched = _scheduler(opt, cfg)
-    say = _printer(cfg)
+    say = _printer(cfg) if dist.is_main else (lambda line: None)
     start, extra = 0, {}
-    ckpt = latest_checkpoint(run_dir, verify=True, notice=say) if cfg.resume else None
+    ckpt = on_main(dist, lambda: latest_checkpoint(run_dir, verify=True, notice=say)) if cfg.resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, student, opt, sched)
         start, extra = state["step"], state.get("extra", {})
@@ -225,9 +288,10 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
     teacher_tokens = int(extra.get("teacher_tokens", 0))
     skipped_streak, skipped_total = int(extra.get("skipped_streak", 0)), int(extra.get("skipped_total", 0))
     # metrics.jsonl keeps the records up to the checkpoint's step (a fresh start keeps none): every step once.
-    logger = MetricsLogger(run_dir, resume_step=start if ckpt is not None else -1)
+    # rank 0 writes metrics, prints and detects; the other ranks only compute
+    logger = MetricsLogger(run_dir, resume_step=start if ckpt is not None else -1) if dist.is_main else NullLogger()
     detector = FailureDetector.for_run(cfg)  # known OPD failure modes, one log line each (docs/diagnostics.md)
-    if start:
+    if start and dist.is_main:
         detector.replay(read_metrics(run_dir))
     summary: dict = {"run_dir": str(run_dir), "start_step": start, "teacher": teacher.describe()}
     if hasattr(teacher, "dtype"):  # teacher.dtype=auto depends on the machine: the summary says what it chose
@@ -239,20 +303,23 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
             def sidecar(d: Path) -> None:
                 student.config.save_pretrained(d)
                 tok.save_pretrained(d)
+        extra = {"teacher_tokens": teacher_tokens, "skipped_total": skipped_total, "skipped_streak": skipped_streak}
+        if dist.distributed:  # sharded (torch.distributed.checkpoint): every rank writes its shards
+            return save_sharded_checkpoint(run_dir, done, student, opt, sched, dist, extra=extra,
+                                           keep_last=cfg.keep_last, sidecar=sidecar)
         return save_checkpoint(run_dir, done, student.state_dict(), opt, sched, keep_last=cfg.keep_last,
-                               sidecar=sidecar, extra={"teacher_tokens": teacher_tokens, "skipped_total":
-                                                       skipped_total, "skipped_streak": skipped_streak})
+                               sidecar=sidecar, extra=extra)
 
     # Rollouts: the backend (HF decode loop or a vLLM engine holding the weights of version `start`), GKD's
     # reference responses, and with rollout.max_staleness a producer that samples the next steps meanwhile.
     batches = StepBatches(cfg, source, tok, student, sampling_spec(cfg, m.eos_ids, m.pad_id, m.masked_ids),
-                          start_step=start)
+                          start_step=start, dist=dist)
     try:
         if start == 0:
             summary["initial"] = evaluate_greedy(m, source, cfg, batches)
             detector.update(0, summary["initial"])
             logger.log(0, summary["initial"])
-        with Progress(cfg.steps, enabled=cfg.progress, start_step=start, description="opd") as progress, \
+        with Progress(cfg.steps, enabled=cfg.progress and dist.is_main, start_step=start, description="opd") as progress, \
                 GracefulStop() as stop:
             for step in range(start, cfg.steps):
                 t0 = time.perf_counter()
@@ -272,7 +339,7 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
                 else:
                     # 2. teacher scoring: exactly the signal the objective declared (TeacherRequest), any backend
                     signal = teacher.score(batch, request)
-                    teacher_tokens += int(batch.eos_mask_BT.sum())
+                    teacher_tokens += int(dist.sum(float(batch.eos_mask_BT.sum())))
                     t2 = time.perf_counter()
                     texts = decode(m, batch)
                     rewards_B = torch.tensor([source.score(t, r) for t, r in zip(texts, batch.records_B, strict=True)],
@@ -292,12 +359,14 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
                 else:
                     skipped_streak = 0
                 n_gen = int(batch.eos_mask_BT.sum())
+                rewards_all, lengths_all, finished_all = (gather_rows(dist, x)[0] for x in (
+                    rewards_B, batch.response_lengths_B, batch.finished_B))  # the whole batch (every rank's rows)
                 metrics.update({
-                    "train/accuracy": rewards_B.mean().item() if rewards_B.numel() else math.nan,
+                    "train/accuracy": rewards_all.mean().item() if rewards_all.numel() else math.nan,
                     "on_policy": float(plan.on_policy),
-                    "response_length/mean": batch.response_lengths_B.double().mean().item() if n_gen else 0.0,
-                    "response_length/max": int(batch.response_lengths_B.max()) if n_gen else 0,
-                    "finished_frac": batch.finished_B.double().mean().item() if n_gen else 0.0,
+                    "response_length/mean": lengths_all.double().mean().item() if lengths_all.numel() else 0.0,
+                    "response_length/max": int(lengths_all.max()) if lengths_all.numel() else 0,
+                    "finished_frac": finished_all.double().mean().item() if finished_all.numel() else 0.0,
                     "prompts_too_long": plan.report["n_too_long"], "teacher_tokens": teacher_tokens,
                     "skipped_total": skipped_total, **teacher.stats(), **batches.stats(), **stale_metrics,
                     **rollout_timing, "lr": sched.get_last_lr()[0], "time/generate": t1 - t0, "time/score": t2 - t1,
@@ -312,7 +381,7 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
                     if done == cfg.steps:
                         summary["final"] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
                 metrics["time/step"] = time.perf_counter() - t0
-                found = detector.update(done, metrics)
+                found = detector.update(done, metrics) if dist.is_main else []
                 metrics["warnings"] = [w.to_dict() for w in found]
                 for w in found:
                     progress.print(w.line())
@@ -320,6 +389,8 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
                 progress.update(done, {"loss": metrics["loss"], "acc": metrics["train/accuracy"],
                                        "reward": metrics.get("reward/mean", 0.0), "gnorm": metrics["grad_norm"]})
                 diverged = skipped_streak >= cfg.optim.max_skipped_steps
+                if dist.distributed and dist.max(float(stop.requested is not None)) and stop.requested is None:
+                    stop.requested = signal.SIGTERM  # torchrun signals every rank, not at the same step: agree
                 if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or diverged or stop.requested:
                     ckpt = checkpoint(done)
                 if diverged:
@@ -337,8 +408,13 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
         batches.close()
         logger.close()
     if start < cfg.steps or not (run_dir / "final").is_dir():
-        final = student.merge_and_unload() if cfg.model.lora_r > 0 else student
-        save_model_dir(final, tok, run_dir / "final")
+        if dist.distributed:  # the full weights gathered (a collective), written by rank 0 as a HF model dir
+            save_final(cfg, student, tok, run_dir / "final", dist)
+        else:
+            final = student.merge_and_unload() if cfg.model.lora_r > 0 else student
+            save_model_dir(final, tok, run_dir / "final")
+    if not dist.is_main:
+        return summary
     summary["plots"] = [str(p) for p in plot_run(run_dir)]
     summary["warnings"] = [w.line() for w in detector.history]
     summary["skipped_steps"] = skipped_total
@@ -394,7 +470,9 @@ def main(argv: list[str]) -> int:
 
         yaml_path, overrides = config_args(args)  # a config file, or a preset name (opdkit train smollm2-opsd)
         cfg = load_config(TrainConfig, yaml_path, overrides)
-        print_summary(train(cfg))
+        summary = train(cfg)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one table, from rank 0
+            print_summary(summary)
         return 0
 
     return run_cli(run, argv)

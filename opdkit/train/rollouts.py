@@ -35,6 +35,37 @@ class StepPlan:
     report: dict
     on_policy: bool
     seed: int
+    prompt_index: list[int] = None  # the step's (global) index of each prompt
+
+    def __post_init__(self) -> None:
+        if self.prompt_index is None:
+            self.prompt_index = list(range(len(self.prompt_ids)))
+
+
+def own_prompts(plan: StepPlan, dist) -> StepPlan:
+    """The prompts rank r handles: r, r + world, ... of the step's prompts (after over-long ones were dropped)."""
+    idx = dist.shard(plan.prompt_ids)
+    if not idx:
+        raise UserError(f"step {plan.step}: rank {dist.rank} got no prompt ({len(plan.prompt_ids)} prompts kept for "
+                        f"{dist.world} ranks); raise rollout.prompts_per_step or data.max_prompt_tokens")
+    return StepPlan(plan.step, [plan.records[i] for i in idx], [plan.prompt_ids[i] for i in idx], plan.report,
+                    plan.on_policy, plan.seed, [plan.prompt_index[i] for i in idx])
+
+
+import contextlib  # noqa: E402
+
+
+@contextlib.contextmanager
+def generation_weights(student, rollout):
+    """An FSDP2 student sampled in this process is unsharded for the generation (each rank decodes its own rows for
+    as many steps as they need, with no collective per decode step)."""
+    from opdkit.fsdp import unsharded
+
+    if isinstance(rollout, HFRollout) and not rollout.snapshot:
+        with unsharded(student):
+            yield
+    else:
+        yield
 
 
 def plan_step(cfg, source, tokenizer, step: int) -> StepPlan:
@@ -55,11 +86,11 @@ def sampling_spec(cfg, eos: list[int], pad: int, masked: list[int]) -> SamplingS
                         temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, masked_ids=tuple(masked))
 
 
-def build_rollout(cfg, student, tokenizer, version: int):
+def build_rollout(cfg, student, tokenizer, version: int, dist=None):
     """The rollout backend of `cfg.rollout` (HFRollout or VLLMRollout), sampling from `student` at `version`."""
     r = cfg.rollout
     if r.backend == "vllm":
-        from opdkit.rollout.vllm import VLLMRollout
+        from opdkit.rollout.vllm import VLLMRollout, merged_state_dict, write_model_dir
 
         v = r.vllm
         max_len = v.max_model_len or (cfg.data.max_prompt_tokens + r.max_new_tokens)
@@ -70,12 +101,34 @@ def build_rollout(cfg, student, tokenizer, version: int):
         if v.mode == "server" and v.url is None and not Path(python).is_file():
             raise UserError(f"rollout.vllm.python={python} does not exist; make it with `bash scripts/setup_vllm.sh` "
                             "or point it at a Python that has vllm")
-        return VLLMRollout.start(student, tokenizer, mode=v.mode, url=v.url, python=python, dtype=v.dtype,
-                                 max_model_len=max_len, kv_cache_gib=v.kv_cache_gib, launch_args=v.launch_args,
-                                 startup_timeout_s=v.startup_timeout_s, timeout_s=v.timeout_s, retries=v.retries,
-                                 concurrency=v.concurrency, rows_per_request=v.rows_per_request,
-                                 weight_sync_steps=r.weight_sync_steps,
-                                 gpu_memory_utilization=v.gpu_memory_utilization, version=version)
+        kw = dict(mode=v.mode, python=python, dtype=v.dtype, max_model_len=max_len, kv_cache_gib=v.kv_cache_gib,
+                  launch_args=v.launch_args, startup_timeout_s=v.startup_timeout_s, timeout_s=v.timeout_s,
+                  retries=v.retries, concurrency=v.concurrency, rows_per_request=v.rows_per_request,
+                  weight_sync_steps=r.weight_sync_steps, gpu_memory_utilization=v.gpu_memory_utilization,
+                  version=version)
+        if dist is None or not dist.distributed:
+            return VLLMRollout.start(student, tokenizer, url=v.url, **kw)
+        # torchrun: rank 0 launches the server (or all use rollout.vllm.url); every rank samples its own prompts;
+        # weights are gathered by all ranks and pushed by rank 0
+        launched, err = None, None
+        state = None if v.url else merged_state_dict(student)  # a collective: full weights on every rank
+        if dist.is_main and not v.url:
+            try:
+                import tempfile as _tf
+
+                d = write_model_dir(state, student.config, tokenizer, Path(_tf.mkdtemp(prefix="opdkit-vllm-init-")))
+                launched = VLLMRollout.start(student, tokenizer, url=None, model_dir=str(d), **kw)
+            except UserError as e:
+                err = str(e)
+        url, err = dist.broadcast((launched.engine.url if launched is not None else v.url, err))
+        if err:
+            raise UserError(err)
+        rollout = launched if launched is not None else VLLMRollout.start(
+            student, tokenizer, url=url, push=False, **kw)
+        rollout.dist = dist
+        if v.url:  # a server started elsewhere: give it this student's weights
+            rollout.load_weights(student, version, force=True)
+        return rollout
     hf = HFRollout(student, SAMPLERS[r.sampler], snapshot=r.max_staleness is not None)
     hf.version = version
     return hf
@@ -85,9 +138,16 @@ class StepBatches:
     """`get(step)` -> (plan, batch, timings) for every step; `after_update(student, version)` pushes weights;
     `evaluate_rollout()` is the backend the held-out eval samples with (current weights)."""
 
-    def __init__(self, cfg, source, tokenizer, student, spec: SamplingSpec, *, start_step: int):
+    def __init__(self, cfg, source, tokenizer, student, spec: SamplingSpec, *, start_step: int, dist=None):
+        from opdkit.dist import Dist
+
         self.cfg, self.source, self.tok, self.student, self.spec = cfg, source, tokenizer, student, spec
-        self.rollout = build_rollout(cfg, student, tokenizer, version=start_step)
+        self.dist = dist or Dist()
+        # one generator per row (seeded by step, prompt and sample): a prompt's samples do not depend on which rank
+        # or batch holds it. Always so under torchrun; single-process runs keep one generator per step (their
+        # documented results) unless rollout.seed_per_prompt=true.
+        self.per_row_seeds = self.dist.distributed or bool(cfg.rollout.seed_per_prompt)
+        self.rollout = build_rollout(cfg, student, tokenizer, version=start_step, dist=self.dist)
         self.reference = ReferenceRollout(student, tokenizer) if cfg.rollout.gkd_lambda < 1.0 else None
         self.version = start_step
         self.producer = None
@@ -97,10 +157,18 @@ class StepBatches:
 
     def _produce(self, step: int):
         plan = plan_step(self.cfg, self.source, self.tok, step)
+        if self.dist.distributed:  # this rank's prompts: r, r + world, ... of the step's (global) prompts
+            plan = own_prompts(plan, self.dist)
         if not plan.on_policy:  # reference responses need the current student: built by the trainer
             return plan, None
-        gen = torch.Generator().manual_seed(plan.seed)
-        batch = self.rollout.sample(plan.prompt_ids, self.spec, records=plan.records, generator=gen, seed=plan.seed)
+        if self.per_row_seeds:
+            gen = [torch.Generator().manual_seed(step_seed(plan.seed, 1 + i * 1000 + j))
+                   for i in plan.prompt_index for j in range(self.spec.n)]
+        else:
+            gen = torch.Generator().manual_seed(plan.seed)
+        with generation_weights(self.student, self.rollout):
+            batch = self.rollout.sample(plan.prompt_ids, self.spec, records=plan.records, generator=gen,
+                                        seed=plan.seed)
         return plan, batch
 
     def get(self, step: int) -> tuple[StepPlan, RolloutBatch, dict]:
@@ -112,7 +180,7 @@ class StepBatches:
             plan, batch = self._produce(step)
         if batch is None:
             batch = self.reference.sample(plan.prompt_ids, self.spec, records=plan.records)
-        return plan, batch, timing
+        return plan, batch.to(self.dist.device) if self.dist.device.type != "cpu" else batch, timing
 
     def after_update(self, student, version: int) -> None:
         """The student's weights after optimizer step `version`: to the engine (vLLM every weight_sync_steps; a
@@ -138,7 +206,10 @@ class StepBatches:
                 with self.producer.lock:
                     return sample()
             return sample()
-        return HFRollout(student).sample(prompt_ids, spec)
+        from opdkit.fsdp import unsharded
+
+        with unsharded(student):
+            return HFRollout(student).sample(prompt_ids, spec)
 
     def stats(self) -> dict:
         out = dict(self.rollout.stats())

@@ -80,7 +80,8 @@ def frozen_self_teacher(cfg, student):
     return frozen_copy(student).to(resolve_dtype(cfg.teacher.dtype))
 
 
-def build_teacher(cfg, student, tok, frozen=None, *, pad_token_id: int, source: PromptSource | None = None):
+def build_teacher(cfg, student, tok, frozen=None, *, pad_token_id: int, source: PromptSource | None = None,
+                  dist=None):
     """The teacher backend of a TrainConfig (`opdkit.teacher`), after the student got its LoRA adapters (a live
     self-teacher is the trained student itself): teacher.routes (several teachers) or teacher.backend, wrapped in a
     disk cache when teacher.cache_dir is set. Everything that can fail on bad input fails here, before the run dir is
@@ -91,13 +92,18 @@ def build_teacher(cfg, student, tok, frozen=None, *, pad_token_id: int, source: 
     if t.routes:
         teacher = routed_teacher(cfg, student, tok, source)
     elif t.backend == "server":
-        teacher = server_teacher(cfg, tok)
+        teacher = server_teacher(cfg, tok, dist=dist)
     elif t.backend in ("self", "self_live"):
         model = frozen if t.backend == "self" else student
+        if t.backend == "self" and dist is not None and dist.distributed:
+            model = place_teacher(model, t, dist)
         teacher = SelfTeacher(model, tok, t.privileged_template, live=t.backend == "self_live",
                               pad_token_id=pad_token_id, use_chat_template=cfg.data.use_chat_template)
     else:
-        teacher = HFTeacher(load_teacher_model(t.model, cfg.model, t, student, tok), name=t.model)
+        model = load_teacher_model(t.model, cfg.model, t, student, tok)
+        if dist is not None and dist.distributed:
+            model = place_teacher(model, t, dist)
+        teacher = HFTeacher(model, name=t.model)
     if t.cache_dir:
         from opdkit.teacher.cache import CachedTeacher
 
@@ -107,6 +113,18 @@ def build_teacher(cfg, student, tok, frozen=None, *, pad_token_id: int, source: 
             teacher.close()
             raise
     return teacher
+
+
+def place_teacher(model, tcfg, dist):
+    """A local teacher under torchrun: on this rank's device, replicated (teacher.shard=false: every rank scores its
+    own rows with a full copy) or sharded with FSDP2 (teacher.shard=true: 1/world of it at rest, gathered for the
+    step's scoring)."""
+    model.to(dist.device)
+    if tcfg.shard:
+        from opdkit.fsdp import shard
+
+        shard(model)
+    return model
 
 
 def routed_teacher(cfg, student, tok, source: PromptSource | None):
@@ -151,19 +169,26 @@ def served_model_dir(cfg) -> str:
     return path
 
 
-def server_teacher(cfg, tok, url: str | None = None):
-    """A vLLM teacher server (teacher.server): connected to, or launched on 127.0.0.1 for teacher.model; its
-    tokenizer checked against the student's `tok`."""
+def server_teacher(cfg, tok, url: str | None = None, dist=None):
+    """A vLLM teacher server (teacher.server): connected to, or launched on 127.0.0.1 for teacher.model (under
+    torchrun by rank 0, every rank connecting to it); its tokenizer checked against the student's `tok`."""
     from opdkit.teacher.server import LaunchedServer, ServerTeacher
 
     s = cfg.teacher.server
     launched = None
+    if url is None and s.launch and dist is not None and dist.distributed:
+        err = None
+        if dist.is_main:
+            try:
+                launched = _launch_teacher_server(cfg)
+                url = launched.url
+            except UserError as e:
+                err = str(e)
+        url, err = dist.broadcast((url, err))
+        if err:
+            raise UserError(err)
     if url is None and s.launch:
-        model_path = served_model_dir(cfg)
-        dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[resolve_dtype(cfg.teacher.dtype)]
-        launched = LaunchedServer(model_path, python=s.python, dtype=dtype, max_logprobs=s.max_logprobs,
-                                  kv_cache_gib=s.kv_cache_gib, extra_args=s.launch_args,
-                                  startup_timeout_s=s.startup_timeout_s)
+        launched = _launch_teacher_server(cfg)
         url = launched.url
     try:
         teacher = ServerTeacher(url or s.url, s.model, timeout_s=s.timeout_s, retries=s.retries,
@@ -174,6 +199,15 @@ def server_teacher(cfg, tok, url: str | None = None):
             launched.stop()
         raise
     return teacher
+
+
+def _launch_teacher_server(cfg):
+    from opdkit.teacher.server import LaunchedServer
+
+    s = cfg.teacher.server
+    dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[resolve_dtype(cfg.teacher.dtype)]
+    return LaunchedServer(served_model_dir(cfg), python=s.python, dtype=dtype, max_logprobs=s.max_logprobs,
+                          kv_cache_gib=s.kv_cache_gib, extra_args=s.launch_args, startup_timeout_s=s.startup_timeout_s)
 
 
 def maybe_lora(model, mcfg):
