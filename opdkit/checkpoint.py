@@ -35,7 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from opdkit.errors import RunFailed, UserError, one_line
+from opdkit.errors import RunFailed, UserError, is_short_write, one_line, write_error_message
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -274,11 +274,12 @@ def save_checkpoint(
         raise RunFailed(f"refusing to save a checkpoint of step {step}: weight {bad} is not finite (NaN/inf)")
     state_json = json.dumps({"step": int(step), "time": time.time(), "extra": extra or {}}, indent=1, allow_nan=True)
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a crash: never complete
-        shutil.rmtree(stale, ignore_errors=True)
     final = checkpoint_path(run_dir, step)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=root))
+    with write_guard(final, CHECKPOINT_LOST):
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a crash: never complete
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=root))
     try:
         tensors, aliases = split_shared(model_state)
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", _ALIASES_KEY: json.dumps(aliases)})
@@ -291,8 +292,10 @@ def save_checkpoint(
         if sidecar is not None:
             sidecar(tmp)
         _seal(tmp, final, step)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) or is_short_write(exc):
+            raise RunFailed(_write_failed(exc, final)) from None
         raise
     _keep_newest(run_dir, final, keep_last)
     return final
@@ -313,8 +316,9 @@ def _seal(tmp: Path, final: Path, step: int) -> None:
 def _keep_newest(run_dir, final: Path, keep_last: int | None) -> None:
     if keep_last is not None and keep_last > 0:
         older = [d for _, d in list_checkpoints(run_dir) if d != final]
-        for d in older[: max(0, len(older) - (keep_last - 1))]:
-            _remove_dir(d)
+        with write_guard(Path(run_dir) / CHECKPOINTS):
+            for d in older[: max(0, len(older) - (keep_last - 1))]:
+                _remove_dir(d)
 
 
 def save_sharded_checkpoint(run_dir, step: int, model, optimizer, scheduler, dist, *, extra: dict | None = None,
@@ -356,6 +360,53 @@ def save_sharded_checkpoint(run_dir, step: int, model, optimizer, scheduler, dis
     if dist.is_main:
         _keep_newest(run_dir, final, keep_last)
     return final
+
+
+CHECKPOINT_LOST = ("; the incomplete checkpoint was removed (the previous ones are intact): resume=true "
+                   "continues from the last complete one")
+RESUME_HINT = "; resume=true continues the run from its last complete checkpoint"
+
+
+def _write_failed(exc: BaseException, path: Path, after: str = CHECKPOINT_LOST) -> str:
+    return write_error_message(exc, path) + after
+
+
+class write_guard:
+    """Context: an OSError (or torch's short write) while writing `path` -> RunFailed (exit code 3) with a
+    one-line message ('disk full: ...') ending in `after`."""
+
+    def __init__(self, path: Path, after: str = RESUME_HINT):
+        self.path, self.after = path, after
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        if exc is not None and (isinstance(exc, OSError) or is_short_write(exc)):
+            raise RunFailed(_write_failed(exc, self.path, self.after)) from None
+        return False
+
+
+def run_min_bytes(model: torch.nn.Module) -> int:
+    """What every run writes at least: its last checkpoint (`checkpoint_bytes`) and the final model's weights. The
+    trainers refuse to start when the run dir's file system has less free space (`check_free_space`): such a run
+    could never finish."""
+    return checkpoint_bytes(model) + sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """A lower bound of one checkpoint's size: the weights (tied ones once) plus AdamW's two fp32 moments of every
+    trainable parameter."""
+    seen, weights, moments = set(), 0, 0
+    for p in model.parameters():
+        key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape)) if p.device.type != "meta" else id(p)
+        if key in seen:
+            continue
+        seen.add(key)
+        weights += p.numel() * p.element_size()
+        if p.requires_grad:
+            moments += 2 * p.numel() * 4
+    return weights + moments
 
 
 # ----------------------------------------------------------------------------------------------------------- load
@@ -424,6 +475,17 @@ def load_model_state(path: str | os.PathLike, model: torch.nn.Module) -> None:
         )
 
 
+def _check_optimizer_shapes(optimizer: torch.optim.Optimizer) -> None:
+    """ValueError when a restored optimizer state does not match its parameter's shape (an optimizer.pt of another
+    model with as many parameters: torch loads it and would fail at the first step)."""
+    for g, group in enumerate(optimizer.param_groups):
+        for i, param in enumerate(group["params"]):
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(f"state {key!r} of parameter {i} (group {g}) has shape {tuple(value.shape)}, "
+                                     f"the parameter {tuple(param.shape)}: an optimizer of another model")
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     model: torch.nn.Module,
@@ -453,7 +515,9 @@ def load_checkpoint(
 
     def read(name: str):
         try:
-            return torch.load(p / name, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # e.g. 'Detected pickle protocol 4': the error below says it all
+                warnings.simplefilter("ignore")
+                return torch.load(p / name, map_location="cpu", weights_only=True)
         except Exception as exc:  # a truncated file, a foreign or blocked pickle: several exception types
             raise UserError(f"cannot read {p / name}: {one_line(exc)[:200]}; fix: use an intact checkpoint") from None
 
@@ -464,6 +528,8 @@ def load_checkpoint(
             raise UserError(f"checkpoint {p} has no {name} to restore")
         try:
             obj.load_state_dict(read(name))
+            if obj is optimizer:
+                _check_optimizer_shapes(optimizer)
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise UserError(f"{p / name} does not fit this run ({one_line(exc)[:200]}); fix: resume with the "
                             "model and optimizer settings that wrote it") from None
@@ -520,8 +586,9 @@ def save_model_dir(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Pa
         raise RunFailed(f"refusing to save {out}: weight {bad} is not finite (NaN/inf)")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
         raise UserError(f"refusing to replace {out}: it exists and is not a model directory (no config.json)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_PREFIX}", dir=out.parent))
+    with write_guard(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_PREFIX}", dir=out.parent))
     try:
         kwargs = {}
         if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
@@ -533,7 +600,9 @@ def save_model_dir(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Pa
             if f.is_file():
                 _fsync_file(f)
         _swap_into_place(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) or is_short_write(exc):
+            raise RunFailed(_write_failed(exc, out, RESUME_HINT)) from None
         raise
     return out

@@ -164,14 +164,39 @@ def _launch(cmd: list[str], log: Path, threads: int) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     with open(log, "a") as fh:
-        fh.write(f"$ {' '.join(cmd)}\n")
+        shown = ["opdkit", *cmd[3:]] if cmd[1:2] == ["-c"] else cmd  # the launcher's code is not worth a log line
+        fh.write(f"$ {' '.join(shown)}\n")
         fh.flush()
         return subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
 
 
+# The child runs start with this launcher rather than `python -m opdkit.cli`: `-m` (and `-c`) put the working
+# directory first on the import path, so a `yaml.py` (or `torch.py`, ...) there would be imported instead of the
+# installed package. The launcher drops that entry before importing anything else (Python 3.10 has no -P), keeps
+# PYTHONPATH (the user's explicit choice), and appends the directory of the opdkit that runs `compare` only when
+# opdkit is not importable otherwise (a source checkout): appended last, it cannot shadow an installed package.
+_LAUNCHER = (
+    "import sys\n"
+    "if sys.path and sys.path[0] == '':\n"
+    "    del sys.path[0]\n"
+    "import importlib.util\n"
+    "if importlib.util.find_spec('opdkit') is None:\n"
+    "    sys.path.append({root!r})\n"
+    "from opdkit.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def opdkit_command() -> list[str]:
+    """The command prefix that runs `opdkit` in a child process with only the installed packages importable (plus
+    PYTHONPATH, and the code an explicitly configured `py:` checker names); see `_LAUNCHER`."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return [sys.executable, "-c", _LAUNCHER.format(root=root)]
+
+
 def _train_cmd(cfg: CompareConfig, base: list[str], m: Method, seed: int, run_dir: Path) -> list[str]:
     resume = ["resume=true"] if (run_dir / "config.yaml").exists() else []
-    return [sys.executable, "-m", "opdkit.cli", "train", *base, *m.overrides, f"seed={seed}", f"run_dir={run_dir}",
+    return [*opdkit_command(), "train", *base, *m.overrides, f"seed={seed}", f"run_dir={run_dir}",
             "progress=false", *resume, f"threads={cfg.threads}"]
 
 
@@ -189,7 +214,7 @@ def _sft_cmd(cfg: CompareConfig, m: Method, seed: int, run_dir: Path, budget: in
     task = train_cfg.data.prompts.split(":", 1)[1] if train_cfg.data.prompts.startswith("task:") else None
     if task is None:
         raise UserError("compare: the sft baseline needs a built-in task (data.prompts=task:...)")
-    return [sys.executable, "-m", "opdkit.cli", "sft", f"model.init={train_cfg.model.student}",
+    return [*opdkit_command(), "sft", f"model.init={train_cfg.model.student}",
             f"data.samples_from={train_cfg.teacher.model}", f"data.task={task}",
             f"data.batch_size={train_cfg.rollout.prompts_per_step * train_cfg.rollout.n_samples}",
             f"data.max_new_tokens={train_cfg.rollout.max_new_tokens}", f"optim.lr={train_cfg.optim.lr}",

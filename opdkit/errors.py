@@ -8,8 +8,12 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
+import shutil
 import sys
+from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
 EXIT_USAGE = 2
@@ -29,6 +33,41 @@ class RunFailed(UserError):
 def one_line(message: object) -> str:
     """`message` as a single line (newlines folded into spaces, surrounding blanks stripped)."""
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def _free_space(path: str | os.PathLike) -> str | None:
+    """Free space on the file system of `path` (or of its nearest existing parent) as text, or None."""
+    p = Path(path)
+    for d in (p, *p.parents):
+        try:
+            return f"{shutil.disk_usage(d).free / 2**20:.1f} MiB free"
+        except OSError:
+            continue
+    return None
+
+
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def is_short_write(exc: BaseException) -> bool:
+    """torch.save's zip writer reports a failed write (disk full, quota) as RuntimeError 'unexpected pos X vs Y'."""
+    return isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc) or "No space left" in str(exc))
+
+
+def write_error_message(exc: BaseException, path: str | os.PathLike, what: str = "write") -> str:
+    """One line for a failed write of `path`: says 'disk full' / 'read-only file system' / 'permission denied' and
+    the fix. `exc`: the OSError (or torch's short-write RuntimeError)."""
+    code = getattr(exc, "errno", None)
+    if code in DISK_FULL or is_short_write(exc):
+        free = _free_space(path)
+        return (f"disk full: cannot {what} {path} ({free + ' on its file system' if free else 'no space left'}); "
+                "free space or choose another run_dir")
+    if code == errno.EROFS:
+        return f"read-only file system: cannot {what} {path}; choose a run_dir on a writable file system"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"permission denied: cannot {what} {path}; choose a run_dir you can write to"
+    reason = getattr(exc, "strerror", None) or one_line(exc)[:200]
+    return f"cannot {what} {path}: {reason}; choose a writable run_dir"
 
 
 def is_config_validation_error(exc: BaseException) -> bool:

@@ -16,7 +16,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -115,12 +115,21 @@ class MetricsLogger:
 
     def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True, resume_step: int | None = None):
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
-        if resume_step is not None and self.path.exists():
-            self._truncate_after(resume_step)
-        self._fh: TextIO | None = open(self.path, "a", encoding="utf-8")
+        self._fh: BinaryIO | None = None
         self._tb = None
+        self._step: int | None = None
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None and self.path.exists():
+                self._truncate_after(resume_step)
+            # unbuffered: each record reaches the file in one write call (a failed write raises there, and nothing
+            # is left in a buffer for a later close to fail on)
+            self._fh = open(self.path, "ab", buffering=0)
+        except OSError as exc:
+            from opdkit.errors import UserError, write_error_message
+
+            raise UserError(write_error_message(exc, self.path)) from None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -128,7 +137,28 @@ class MetricsLogger:
                 warnings.warn("tensorboard is not installed; metrics go to metrics.jsonl only", stacklevel=2)
             else:
                 purge = None if resume_step is None else resume_step + 1
-                self._tb = SummaryWriter(log_dir=str(self.run_dir / TB_DIR), purge_step=purge, flush_secs=10)
+                with self._writing(self.run_dir / TB_DIR):
+                    self._tb = SummaryWriter(log_dir=str(self.run_dir / TB_DIR), purge_step=purge, flush_secs=10)
+
+    def _writing(self, path: Path):
+        """Context: an OSError while writing `path` (disk full, ...) -> RunFailed, one line, exit code 3."""
+        import contextlib
+
+        logger = self
+
+        @contextlib.contextmanager
+        def guard():
+            try:
+                yield
+            except OSError as exc:
+                from opdkit.errors import RunFailed, write_error_message
+
+                logger._drop()  # nothing more is written; a later close() does not fail again
+                at = f"; the run stopped at step {logger._step}" if logger._step is not None else ""
+                raise RunFailed(write_error_message(exc, path) + at + ": resume=true continues from its last "
+                                "checkpoint") from None
+
+        return guard()
 
     def _truncate_after(self, step: int) -> None:
         keep = []
@@ -140,8 +170,12 @@ class MetricsLogger:
             if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
                 keep.append(line)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict:
         """Write one record; returns it (as written)."""
@@ -149,28 +183,45 @@ class MetricsLogger:
             raise RuntimeError("MetricsLogger is closed")
         flat = flatten(metrics)
         record = {"step": int(step), **{k: to_jsonable(v) for k, v in flat.items() if k != "step"}}
-        self._fh.write(json.dumps(record, allow_nan=False) + "\n")
-        self._fh.flush()
+        self._step = int(step)
+        data = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
+        with self._writing(self.path):
+            view = memoryview(data)
+            while view:
+                view = view[self._fh.write(view):]
         if self._tb is not None:
-            for k, v in flat.items():
-                x = scalar(v)
-                if x is not None and k != "step":
-                    self._tb.add_scalar(k, x, int(step))
+            with self._writing(self.run_dir / TB_DIR):
+                for k, v in flat.items():
+                    x = scalar(v)
+                    if x is not None and k != "step":
+                        self._tb.add_scalar(k, x, int(step))
         return record
 
+    def _drop(self) -> None:
+        """Forget both writers after a failed write (the metrics file is closed, TensorBoard's is abandoned)."""
+        fh, self._fh, self._tb = self._fh, None, None
+        if fh is not None:
+            try:
+                fh.close()
+            except OSError:
+                pass
+
     def flush(self) -> None:
-        if self._fh is not None:
-            self._fh.flush()
         if self._tb is not None:
-            self._tb.flush()
+            with self._writing(self.run_dir / TB_DIR):
+                self._tb.flush()
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        """Close both files; safe to call twice, and after a failed write (the file handles are dropped)."""
+        fh, tb, self._fh, self._tb = self._fh, self._tb, None, None
+        try:
+            if fh is not None:
+                with self._writing(self.path):
+                    fh.close()
+        finally:
+            if tb is not None:
+                with self._writing(self.run_dir / TB_DIR):
+                    tb.close()
 
     def __enter__(self) -> MetricsLogger:
         return self

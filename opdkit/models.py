@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -79,13 +80,61 @@ def resolve_dtype(name: str) -> torch.dtype:
 # loading
 
 
+def load_error(what: str, path: str | os.PathLike, exc: BaseException) -> UserError:
+    """A one-line UserError for a model / tokenizer / config that transformers could not load from `path`, naming
+    the file at fault when it can tell, and the fix."""
+    from opdkit.errors import one_line
+
+    p = Path(path)
+    msg = one_line(exc)
+    low = msg.lower()
+    if "trust_remote_code" in low or "custom code" in low:
+        return UserError(f"{what} {p} needs its own Python code (its config.json has an auto_map): opdkit runs "
+                         "code from a model dir only with model.trust_remote_code=true (only for a model you trust)")
+    if "not a valid json" in low or isinstance(exc, json.JSONDecodeError):
+        return UserError(f"{what} {p}: {p / 'config.json' if p.is_dir() else p} is not valid JSON "
+                         f"({msg[:160]}); fix: restore the file or re-save the model with save_pretrained")
+    if "no file named" in low or "does not appear to have a file named" in low:
+        return UserError(f"{what} {p} has no weights file (model.safetensors or pytorch_model.bin); fix: copy the "
+                         "complete model dir or re-save it with save_pretrained")
+    if type(exc).__name__ == "SafetensorError" or "safetensor" in low or "deserializ" in low:
+        return UserError(f"{what} {p}: its weights cannot be read ({msg[:160]}): a truncated or corrupt file; fix: "
+                         "copy the complete model dir again or re-save it")
+    if "does not recognize this architecture" in low or "unrecognized model" in low or "model_type" in low:
+        return UserError(f"{what} {p}: its config.json names a model type this transformers does not know "
+                         f"({msg[:200]}); fix: a model dir of a supported architecture, or upgrade transformers")
+    return UserError(f"cannot load {what} {p}: {type(exc).__name__}: {msg[:300]}; fix: check the files of {p} "
+                     "(re-save it with save_pretrained)")
+
+
+# What transformers raises for a bad model dir (unreadable or invalid files, unknown architectures, missing code).
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError, AttributeError, EOFError)
+
+
 def _load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
     kw: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": True}
     if gguf_file is not None:
         kw["gguf_file"] = gguf_file
-    return AutoTokenizer.from_pretrained(str(path), **kw)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), **kw)
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exception for a corrupt file
+        raise load_error("tokenizer", path, exc) from None
+
+
+def from_pretrained(path: str | os.PathLike, what: str = "model", **kw):
+    """`AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kw)`; a bad model dir -> UserError."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kw)
+    except LOAD_ERRORS as exc:
+        raise load_error(what, path, exc) from None
+    except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError derives from Exception only
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise load_error(what, path, exc) from None
 
 
 def gguf_cache_path(gguf_path: str | os.PathLike, cache_root: str | os.PathLike | None = None) -> Path:
@@ -126,9 +175,8 @@ def _load_gguf(path: Path, *, dtype, trust_remote_code: bool, gguf_cache_dir, to
     cache = gguf_cache_path(path, gguf_cache_dir)
     if _is_complete_cache(cache):
         log.info("loading dequantized copy of %s from %s", path, cache)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(cache), dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True
-        )
+        model = from_pretrained(cache, "model (dequantised GGUF cache)", dtype=dtype,
+                                trust_remote_code=trust_remote_code)
         tok = tokenizer if tokenizer is not None else _load_tokenizer(cache, trust_remote_code=trust_remote_code)
         return model, tok
 
@@ -143,6 +191,7 @@ def _load_gguf(path: Path, *, dtype, trust_remote_code: bool, gguf_cache_dir, to
         raise UserError(f"cannot load GGUF file {path}: {exc}; fix: give a GGUF of a supported architecture") from exc
     _strip_quantizer(model)
     check_finite(model, str(path))
+    tmp = None
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".tmp-", dir=cache.parent))
@@ -153,6 +202,8 @@ def _load_gguf(path: Path, *, dtype, trust_remote_code: bool, gguf_cache_dir, to
             shutil.rmtree(cache, ignore_errors=True)
         os.replace(tmp, cache)
     except OSError as exc:  # cache is an optimisation: a read-only home must not stop the run
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         log.warning("could not cache dequantized GGUF at %s: %s", cache, exc)
     if dtype is not None and dtype != torch.float32:
         model = model.to(dtype)
@@ -208,7 +259,11 @@ def load_causal_lm(
             config = spec
         if tokenizer is None:
             raise UserError("a model built from a config needs a tokenizer; fix: pass tokenizer=<dir or object>")
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        except LOAD_ERRORS as exc:
+            raise UserError(f"model config ({getattr(config, 'model_type', '?')}): cannot build a model from it: "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
         return model, tokenizer
 
     if not isinstance(spec, (str, os.PathLike)):
@@ -223,9 +278,7 @@ def load_causal_lm(
                           tokenizer=tokenizer)
     if not (path / "config.json").is_file():
         raise UserError(f"model directory {path} has no config.json; fix: give a directory saved by save_pretrained")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True
-    )
+    model = from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     check_finite(model, str(path))
     if tokenizer is None:
         tokenizer = _load_tokenizer(path, trust_remote_code=trust_remote_code)

@@ -90,7 +90,7 @@ def load_model(spec: str | os.PathLike, *, tokenizer: Any = None, dtype: torch.d
     A checkpoint dir (model.safetensors + state.json, see `opdkit.checkpoint`) takes its architecture
     (config.json) and tokenizer from itself when present, else from its run's `final/` dir
     (`<run_dir>/checkpoints/step_N/../../final`)."""
-    from opdkit.models import MODEL_LOAD_LOCK, load_causal_lm
+    from opdkit.models import LOAD_ERRORS, MODEL_LOAD_LOCK, load_causal_lm, load_error
     from opdkit.checkpoint import is_checkpoint, load_model_state
 
     path = Path(resolve_model_spec(spec)).expanduser()
@@ -102,9 +102,13 @@ def load_model(spec: str | os.PathLike, *, tokenizer: Any = None, dtype: torch.d
         if cfg_dir is None:
             raise UserError(f"checkpoint {path} has no config.json and its run has no final/ model dir; fix: pass "
                             "an HF model dir (e.g. <run_dir>/final) instead")
-        config = AutoConfig.from_pretrained(str(cfg_dir), trust_remote_code=trust_remote_code, local_files_only=True)
-        with MODEL_LOAD_LOCK:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        try:
+            config = AutoConfig.from_pretrained(str(cfg_dir), trust_remote_code=trust_remote_code,
+                                                local_files_only=True)
+            with MODEL_LOAD_LOCK:
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        except LOAD_ERRORS as exc:
+            raise load_error("checkpoint model config", cfg_dir, exc) from None
         load_model_state(path, model)
         if tokenizer is None:
             tok_dir = next((d for d in cands if any((d / f).is_file() for f in ("tokenizer.json",
@@ -117,8 +121,11 @@ def load_model(spec: str | os.PathLike, *, tokenizer: Any = None, dtype: torch.d
 
             if not Path(tokenizer).exists():
                 raise UserError(f"tokenizer path {tokenizer} does not exist; fix: give a local tokenizer directory")
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=trust_remote_code,
-                                                      local_files_only=True)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=trust_remote_code,
+                                                          local_files_only=True)
+            except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exception
+                raise load_error("tokenizer", tokenizer, exc) from None
         return model.eval(), tokenizer
     model, tok = load_causal_lm(str(path), tokenizer=tokenizer, dtype=dtype, trust_remote_code=trust_remote_code,
                                 gguf_cache_dir=gguf_cache_dir)

@@ -112,7 +112,9 @@ class LaunchedServer:
         if max_model_len:
             cmd += ["--max-model-len", str(max_model_len)]
         cmd += list(extra_args)
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(int(kv_cache_gib)), PYTHONUNBUFFERED="1", **(env or {}))
+        # PYTHONSAFEPATH: the working directory is not on the server's import path (a yaml.py there never runs)
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(int(kv_cache_gib)), PYTHONUNBUFFERED="1",
+                   PYTHONSAFEPATH="1", **(env or {}))
         env.setdefault("OMP_NUM_THREADS", "1")
         self._fh = open(self.log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,

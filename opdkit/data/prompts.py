@@ -34,6 +34,14 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def unk_id(tokenizer) -> int | None:
+    """The id characters unknown to `tokenizer` become, or None: none for byte-level tokenizers, and none when the
+    unk token is also its BOS/EOS/PAD token (GPT-2 style: the template's own special tokens are not unknown text)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    others = {getattr(tokenizer, a, None) for a in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return None if unk is None or unk in others else int(unk)
+
+
 def prompt_to_ids(
     text: str, tokenizer, *, use_chat_template: bool | None = None, system_prompt: str | None = None
 ) -> list[int]:
@@ -69,6 +77,7 @@ def encode_prompts(
     on_too_long: "skip" drops prompts longer than `max_prompt_tokens`; "truncate" keeps their LAST
     `max_prompt_tokens` tokens (left truncation: the end of a prompt, with the generation header, matters most).
     report: n_records, n_kept, n_too_long, n_skipped, n_truncated, max_len (longest before truncation),
+    n_unk_tokens (tokens that are the tokenizer's unk token: characters it does not know, never silent),
     kept_indices (index into `records` of each returned prompt, to find its answer / privileged text).
     Every prompt skipped (or no records) -> UserError.
     """
@@ -80,10 +89,13 @@ def encode_prompts(
         raise UserError("no prompts to encode; fix: check the prompt file / dataset split")
     out: list[list[int]] = []
     kept: list[int] = []
-    n_too_long = n_skipped = n_truncated = max_len = 0
+    n_too_long = n_skipped = n_truncated = max_len = n_unk = 0
+    unk = unk_id(tokenizer)
     for i, rec in enumerate(records):
         text = rec.prompt_text if isinstance(rec, PromptRecord) else str(rec)
         ids = prompt_to_ids(text, tokenizer, use_chat_template=use_chat_template, system_prompt=system_prompt)
+        if unk is not None:
+            n_unk += sum(1 for t in ids if t == unk)
         max_len = max(max_len, len(ids))
         if len(ids) > max_prompt_tokens:
             n_too_long += 1
@@ -101,6 +113,7 @@ def encode_prompts(
         "n_skipped": n_skipped,
         "n_truncated": n_truncated,
         "max_len": max_len,
+        "n_unk_tokens": n_unk,
         "kept_indices": kept,
     }
     if n_too_long:

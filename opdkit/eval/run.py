@@ -99,7 +99,7 @@ def evaluate(
     """Generate `n_samples` (default k) responses per example and score them.
 
     checker_or_task: a `Task` (its `score(text, example)`), a checker spec (`marker:=>`, `math_verify`,
-    `module:fn`) or a callable `(response_text, answer) -> float`. temperature 0 = greedy (one generation per
+    `py:<module>:<fn>`) or a callable `(response_text, answer) -> float`. temperature 0 = greedy (one generation per
     example, copied `n_samples` times). `batch_size`: prompts per generate call. Returns
 
         {"n", "k", "n_samples", "temperature", "avg@k", "pass@k", "accuracy" (= avg@k),
@@ -205,8 +205,8 @@ class EvalConfig:
     prompt_field: str = h("dataset field with the prompt", default="prompt")
     answer_field: str = h("dataset field with the reference answer", default="answer")
     messages_field: str | None = h("dataset field with chat messages (instead of prompt_field)", default=None)
-    checker: str = h("answer checker for datasets: marker:<TEXT>, math_verify or module:function",
-                     default="marker:=>")
+    checker: str = h("answer checker for datasets: marker:<TEXT>, math_verify, py:<module>:<function> or "
+                     "py:<file.py>:<function> (imports and runs that code)", default="marker:=>")
     n: int = h("problems (task: distinct held-out problems; dataset: first n rows, 0 = all)", default=200)
     k: int = h("report avg@k and pass@k", default=1)
     n_samples: int | None = h("samples per problem for the pass@k estimator (default: k)", default=None)
@@ -300,6 +300,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     out_path = Path(cfg.out) if cfg.out else None
     if out_path is not None and out_path.is_dir():
         raise UserError(f"out={out_path} is a directory; give a .json file path")
+    if out_path is not None:  # an unwritable out= fails now, not after the evaluation
+        from opdkit.train.logging import check_creatable
+
+        check_creatable(out_path.parent, "the directory of", "out")
     examples, checker, max_new = eval_examples(cfg)
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     model, tok = load_eval_model(cfg.model, tokenizer=cfg.tokenizer, dtype=dtype)
@@ -314,10 +318,16 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     res["config"] = config_to_dict(cfg)
     if out_path is not None:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = out_path.with_name(out_path.name + ".tmp")
-        tmp.write_text(json.dumps(res, indent=1), encoding="utf-8")
-        os.replace(tmp, out_path)
+        try:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(res, indent=1), encoding="utf-8")
+            os.replace(tmp, out_path)
+        except OSError as exc:
+            from opdkit.errors import write_error_message
+
+            tmp.unlink(missing_ok=True)
+            raise UserError(write_error_message(exc, out_path).replace("run_dir", "out= path")) from None
     _print_results(res, cfg, console)
     return res
 

@@ -191,9 +191,15 @@ def _figure(ncols: int = 1, figsize: tuple[float, float] = FIGSIZE):
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=DPI)
+    except OSError as exc:  # disk full, read-only: one line (exit 3), the plots are redrawn by a rerun
+        from opdkit.errors import RunFailed, write_error_message
+
+        raise RunFailed(write_error_message(exc, path) + "; the plots are drawn again by the same command with "
+                        "resume=true (a finished run only redraws them)") from None
     return path
 
 

@@ -3,7 +3,7 @@
 * Built-in synthetic tasks (:class:`Addition` ``"addition"``, :class:`ArithChain` ``"arith_chain"``): seeded,
   unlimited generators with a hash-based train/held-out split, exact verifiers and perturbed-prefix completions.
 * :func:`load_examples`: user datasets from local JSONL files or ``save_to_disk`` directories.
-* :func:`get_checker`: answer checkers for user data (``math_verify``, ``marker:<TEXT>``, ``module:function``).
+* :func:`get_checker`: answer checkers for user data (``math_verify``, ``marker:<TEXT>``, ``py:<module>:<function>``).
 * :func:`build_char_tokenizer`: a character-level Hugging Face tokenizer.
 
 See ``docs/tasks.md``.

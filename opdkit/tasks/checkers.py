@@ -7,8 +7,15 @@ Specs:
 * ``"marker:<TEXT>"`` — exact match of the stripped text after the last ``<TEXT>`` in the completion (to the end
   of that line) with the answer; if the answer itself contains ``<TEXT>`` (e.g. a GSM8K solution ending in
   ``#### 72``), the text after its last ``<TEXT>`` is the reference.  E.g. ``marker:####``, ``marker:=>``.
-* ``"module:function"`` — a user function ``fn(completion: str, answer: str) -> bool | float`` imported from an
-  importable module (dotted names allowed on both sides, e.g. ``mypkg.rewards:exact``).
+* ``"py:<module>:<function>"`` — a user function ``fn(completion: str, answer: str) -> bool | float`` imported from
+  an installed (importable) module, dotted names allowed on both sides, e.g. ``py:mypkg.rewards:exact``.  The
+  module is imported, i.e. its code runs: a config or grid file that names a ``py:`` checker makes opdkit run
+  that code.  opdkit's commands do not put the working directory on the import path; to use a file there, name
+  the file:
+* ``"py:<path/to/file.py>:<function>"`` — the same, loaded from that file (relative to the working directory).
+
+Nothing else is imported: any other spec (``"regex:x"``, ``"exact"``, a bare ``"my_rewards:exact"``) is refused
+with the list of checkers, without importing anything.
 """
 
 from __future__ import annotations
@@ -80,24 +87,65 @@ def math_verify_checker() -> Checker:
     return check
 
 
+USER_PREFIX = "py:"
+BUILTIN_SPECS = ("math_verify", "marker:<TEXT>")
+FORMS = "math_verify, marker:<TEXT> (e.g. marker:####), py:<module>:<function> or py:<file.py>:<function>"
+
+
+def _is_file_ref(ref: str) -> bool:
+    return ref.endswith(".py") or "/" in ref or "\\" in ref
+
+
 def _import_function(spec: str) -> Callable[..., Any]:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"checker {spec!r}: expected 'module:function'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - ImportError or an error inside the module
-        raise ValueError(
-            f"checker {spec!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
-            f"make sure it is on PYTHONPATH"
-        ) from None
+    """The function named by ``py:<module>:<function>`` or ``py:<file.py>:<function>`` (imported: its code runs)."""
+    ref, _, attr = spec[len(USER_PREFIX):].rpartition(":")
+    if not ref or not attr:
+        raise ValueError(f"checker {spec!r}: expected py:<module>:<function> or py:<file.py>:<function>")
+    if _is_file_ref(ref):
+        obj = _load_file(spec, ref)
+        where = f"file {ref!r}"
+    else:
+        where = f"module {ref!r}"
+        try:
+            obj = importlib.import_module(ref)
+        except ModuleNotFoundError as e:
+            if e.name is not None and ref.split(".")[0] == e.name.split(".")[0] and ref.startswith(e.name):
+                raise ValueError(
+                    f"checker {spec!r}: no module {ref!r} on the import path (opdkit does not add the working "
+                    f"directory to it: for a file there, write py:./{ref.replace('.', '/')}.py:{attr})"
+                ) from None
+            raise ValueError(f"checker {spec!r}: importing module {ref!r} failed (ModuleNotFoundError: {e})") from None
+        except Exception as e:  # noqa: BLE001 - an error inside the module
+            raise ValueError(f"checker {spec!r}: importing module {ref!r} failed ({type(e).__name__}: {e})") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"checker {spec!r}: module {module_name!r} has no attribute {attr!r}")
+            raise ValueError(f"checker {spec!r}: {where} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
         raise ValueError(f"checker {spec!r}: {attr!r} is not callable")
     return obj
+
+
+def _load_file(spec: str, ref: str):
+    import importlib.util
+    import os
+    import sys
+
+    path = os.path.abspath(os.path.expanduser(ref))
+    if not os.path.isfile(path):
+        raise ValueError(f"checker {spec!r}: no file {path}")
+    name = "opdkit_user_checker_" + "".join(c if c.isalnum() else "_" for c in path)
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ValueError(f"checker {spec!r}: {path} cannot be loaded as a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - any error inside the user's file
+        sys.modules.pop(name, None)
+        raise ValueError(f"checker {spec!r}: running {path} failed ({type(e).__name__}: {e})") from None
+    return module
 
 
 def _wrap_user(fn: Callable[..., Any], name: str) -> Checker:
@@ -123,8 +171,9 @@ def _wrap_user(fn: Callable[..., Any], name: str) -> Checker:
 
 
 def get_checker(spec: str | Callable[[str, str], Any]) -> Checker:
-    """The checker of ``spec``: ``"math_verify"``, ``"marker:<TEXT>"``, ``"module:function"``, or a callable
-    (wrapped so it returns a float and scores 0.0 when it raises).  Unknown specs raise ``ValueError``."""
+    """The checker of ``spec``: ``"math_verify"``, ``"marker:<TEXT>"``, ``"py:<module>:<function>"``,
+    ``"py:<file.py>:<function>"``, or a callable (wrapped so it returns a float and scores 0.0 when it raises).
+    Unknown specs raise ``ValueError`` listing the forms, and import nothing."""
     if callable(spec):
         return _wrap_user(spec, getattr(spec, "__name__", repr(spec)))
     if not isinstance(spec, str):
@@ -133,8 +182,11 @@ def get_checker(spec: str | Callable[[str, str], Any]) -> Checker:
         return math_verify_checker()
     if spec.startswith("marker:"):
         return marker_checker(spec[len("marker:") :])
-    if ":" in spec:
+    if spec.startswith(USER_PREFIX):
         return _wrap_user(_import_function(spec), spec)
-    raise ValueError(
-        f"unknown checker {spec!r}: use 'math_verify', 'marker:<TEXT>' (e.g. 'marker:####') or 'module:function'"
-    )
+    hint = ""
+    if ":" in spec:
+        head, _, tail = spec.partition(":")
+        hint = (f"; for a Python function write py:{spec} (that imports {head!r} and runs its code)" if head and tail
+                else "")
+    raise ValueError(f"unknown checker {spec!r}: the checkers are {FORMS}{hint}")

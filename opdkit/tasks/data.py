@@ -14,7 +14,15 @@ __all__ = ["DatasetError", "load_examples", "format_prompt"]
 
 
 class DatasetError(ValueError):
-    """A user dataset can't be read: the message names the file, the line (for JSONL) and the fix."""
+    """A user dataset can't be read: the message names the file, the line (for JSONL) and the fix. `reason`:
+    None, or "no_split" (a DatasetDict without the split asked for; `splits` lists its splits) or "empty_split"
+    (no row falls in the split asked for; `n_rows` rows in all), so callers without a `split` knob can say what
+    to change instead."""
+
+    def __init__(self, message: str, *, reason: str | None = None, splits: list[str] | None = None,
+                 n_rows: int | None = None):
+        super().__init__(message)
+        self.reason, self.splits, self.n_rows = reason, splits, n_rows
 
 
 def _where(path: Path, loc: str) -> str:
@@ -139,7 +147,7 @@ def _disk_rows(path: Path, split: str | None) -> tuple[Iterable[Any], bool]:
         if split not in ds:
             raise DatasetError(
                 f"{path}: a DatasetDict with splits {', '.join(names)}; pass split=<one of them>"
-                + (f" (got {split!r})" if split is not None else "")
+                + (f" (got {split!r})" if split is not None else ""), reason="no_split", splits=names
             )
         return ds[split], True
     return ds, False
@@ -204,7 +212,8 @@ def load_examples(
     if n_rows == 0:
         raise DatasetError(f"{path}: the dataset is empty; it needs at least one example")
     if not examples:
-        raise DatasetError(f"{path}: none of the {n_rows} examples falls in split {split!r}; use split=None")
+        raise DatasetError(f"{path}: none of the {n_rows} examples falls in split {split!r}; use split=None",
+                           reason="empty_split", n_rows=n_rows)
     return examples
 
 

@@ -81,8 +81,8 @@ class DataConfig:
                                 "(built-in tasks: the task name)", default=None)
     privileged_field: str | None = h("field with privileged context for a self-teacher (OPSD), e.g. the reference "
                                      "solution (default: the answer field)", default=None)
-    checker: str = h("answer checker for user datasets: math_verify, marker:<TEXT>, or module:function",
-                     default="marker:=>")
+    checker: str = h("answer checker for user datasets: math_verify, marker:<TEXT>, py:<module>:<function> or "
+                     "py:<file.py>:<function> (imports and runs that code; docs/tasks.md)", default="marker:=>")
     use_chat_template: bool | None = h("apply the tokenizer's chat template (default: when it has one)", default=None)
     max_prompt_tokens: int = h("prompts longer than this are reported and handled by on_too_long", default=256)
     on_too_long: str = h("skip or truncate (left) over-long prompts", default="skip")

@@ -236,27 +236,20 @@ def _clear_run(p: Path) -> None:
             e.unlink()
 
 
-def prepare_run_dir(
+def check_run_dir(
     path: str | os.PathLike, config_hash: str, resume: bool = False, overwrite: bool = False, config: Any = None,
     exclude: Sequence[str] = (),
 ) -> Path:
-    """Check that `path` may hold this run, then create it (and write `config` with its hash, when given).
-
-    - missing or empty: fine (a fresh run; with resume=true too).
-    - holds an opdkit run (the `.opdkit_run` marker, or a config.yaml with opdkit's hash header) with another
-      hash: UserError naming the knobs that differ (`exclude`: knobs a resumption may change), unless overwrite.
-    - holds this run: resume continues it; overwrite replaces it; neither -> UserError (it would be clobbered).
-    - overwrite deletes only what opdkit writes into a run dir (config.yaml, metrics.jsonl, tb/, checkpoints/,
-      final/, plots/, ...); a run dir that also holds anything else is refused, naming the file.
-    - not empty and no marker: UserError (never deleted, even with overwrite).
-    Nothing is written or deleted before the checks pass.
-    """
+    """The checks of `prepare_run_dir` without writing or deleting anything (UserError when `path` may not hold this
+    run); returns the path. The trainers call it first, then validate the rest of their input (a checkpoint to
+    resume from, free space), and only then `create_run_dir`: bad input leaves the file system unchanged."""
     p = Path(path)
     if resume and overwrite:
         raise UserError("resume=true and overwrite=true exclude each other: pick one")
-    if p.exists() and not p.is_dir():
-        raise UserError(f"run_dir {p} exists and is not a directory")
-    try:  # a dir holding only opdkit's marker holds nothing of value yet
+    try:
+        if p.exists() and not p.is_dir():
+            raise UserError(f"run_dir {p} exists and is not a directory")
+        # a dir holding only opdkit's marker holds nothing of value yet
         nonempty = p.is_dir() and any(e.name != RUN_MARKER for e in p.iterdir())
     except OSError as exc:
         raise UserError(f"run_dir {p} cannot be read ({exc.strerror or exc}); choose another run_dir") from None
@@ -274,7 +267,6 @@ def prepare_run_dir(
                 raise UserError(f"refusing to overwrite run dir {p}: {p / foreign[0]} was not written by opdkit"
                                 + (f" (+{len(foreign) - 1} more)" if len(foreign) > 1 else "")
                                 + "; move it away or choose another run_dir")
-            _clear_run(p)
         elif old != config_hash:
             diff = config_differences(p, config, exclude) if config is not None else []
             what = (f" ({'; '.join(diff[:3])}{f' (+{len(diff) - 3} more)' if len(diff) > 3 else ''})" if diff
@@ -291,11 +283,125 @@ def prepare_run_dir(
                 f"run dir {p} already holds this run; pass resume=true to continue it, overwrite=true to replace it, "
                 "or choose another run_dir"
             )
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        (p / RUN_MARKER).write_text(json.dumps({"config_hash": config_hash}) + "\n", encoding="utf-8")
-        if config is not None:
-            write_run_config(p, config, config_hash)
-    except OSError as exc:
-        raise UserError(f"cannot write run dir {p}: {exc.strerror or exc}; choose a writable run_dir") from None
+    check_creatable(p)
     return p
+
+
+def _nearest_existing(p: Path) -> Path:
+    for d in (p, *p.parents):
+        if os.path.lexists(d):
+            return d
+    return Path(".")
+
+
+def check_creatable(p: str | os.PathLike, what: str = "run dir", knob: str = "run_dir") -> None:
+    """UserError when `p` (or the missing dirs above it) obviously cannot be written: an ancestor that is a file,
+    or a dir on a read-only file system / without write permission (os.access; root is refused only by EROFS)."""
+    p = Path(p)
+    base = _nearest_existing(p)
+    if not base.is_dir():
+        raise UserError(f"cannot create {what} {p}: {base} is not a directory; choose another {knob}")
+    try:
+        virtual = os.statvfs(base).f_blocks == 0
+    except (OSError, AttributeError):
+        virtual = False
+    if virtual:
+        raise UserError(f"cannot create {what} {p}: {base} is on a virtual file system (like /proc), not storage; "
+                        f"choose another {knob}")
+    if not os.access(base, os.W_OK | os.X_OK):
+        try:
+            ro = bool(os.statvfs(base).f_flag & os.ST_RDONLY)
+        except (OSError, AttributeError):
+            ro = False
+        why = "is on a read-only file system" if ro else "is not writable"
+        raise UserError(f"cannot create {what} {p}: {base} {why}; choose a writable {knob}")
+
+
+def check_free_space(path: str | os.PathLike, need_bytes: int, what: str, reclaimable_bytes: int = 0) -> None:
+    """UserError ('disk full') when the file system of `path` (or of its nearest existing parent) has less than
+    `need_bytes` free (+ `reclaimable_bytes` that an overwrite will delete first). `what`: what needs the space."""
+    import shutil as _shutil
+
+    base = _nearest_existing(Path(path))
+    try:
+        if os.statvfs(base).f_blocks == 0:  # a virtual file system (/proc, /sys): no capacity to compare with
+            return
+        free = _shutil.disk_usage(base).free
+    except (OSError, AttributeError):
+        return
+    if free + reclaimable_bytes < need_bytes:
+        raise UserError(f"disk full: {base} has {free / 2**20:.1f} MiB free but {what} needs at least "
+                        f"{need_bytes / 2**20:.1f} MiB; free space or choose another run_dir")
+
+
+def owned_bytes(path: str | os.PathLike) -> int:
+    """Bytes of what opdkit wrote into run dir `path` (what overwrite=true deletes)."""
+    p, total = Path(path), 0
+    if not p.is_dir():
+        return 0
+    for e in p.iterdir():
+        if not _is_owned(e.name):
+            continue
+        for f in ([e] if not e.is_dir() else e.rglob("*")):
+            try:
+                if f.is_file() and not f.is_symlink():
+                    total += f.stat().st_size
+            except OSError:
+                pass
+    return total
+
+
+def create_run_dir(path: str | os.PathLike, config_hash: str, overwrite: bool = False, config: Any = None) -> Path:
+    """Create run dir `path` (checked by `check_run_dir`): with overwrite, first delete what opdkit wrote there;
+    then write the `.opdkit_run` marker and `config` with its hash. A failed write (disk full, read-only file
+    system, ...) removes the dirs and files this call created and raises a one-line UserError."""
+    from opdkit.errors import write_error_message
+
+    p = Path(path)
+    created: list[Path] = []
+    try:
+        missing = [d for d in (p, *p.parents) if not os.path.lexists(d)]
+        if overwrite and p.is_dir() and is_run_dir(p):
+            _clear_run(p)
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+        for name, write in ((RUN_MARKER, lambda: (p / RUN_MARKER).write_text(
+                json.dumps({"config_hash": config_hash}) + "\n", encoding="utf-8")),
+                            (CONFIG_FILE, lambda: write_run_config(p, config, config_hash) if config is not None
+                             else None)):
+            target = p / name
+            if not target.exists():
+                created.append(target)
+            write()
+    except OSError as exc:
+        for c in reversed(created):
+            try:
+                if c.is_dir() and not c.is_symlink():
+                    shutil.rmtree(c)
+                elif os.path.lexists(c):
+                    c.unlink()
+            except OSError:
+                pass
+        raise UserError(write_error_message(exc, getattr(exc, "filename", None) or p,
+                                            "create run dir" if not created else "write")) from None
+    return p
+
+
+def prepare_run_dir(
+    path: str | os.PathLike, config_hash: str, resume: bool = False, overwrite: bool = False, config: Any = None,
+    exclude: Sequence[str] = (),
+) -> Path:
+    """Check that `path` may hold this run, then create it (and write `config` with its hash, when given).
+
+    - missing or empty: fine (a fresh run; with resume=true too).
+    - holds an opdkit run (the `.opdkit_run` marker, or a config.yaml with opdkit's hash header) with another
+      hash: UserError naming the knobs that differ (`exclude`: knobs a resumption may change), unless overwrite.
+    - holds this run: resume continues it; overwrite replaces it; neither -> UserError (it would be clobbered).
+    - overwrite deletes only what opdkit writes into a run dir (config.yaml, metrics.jsonl, tb/, checkpoints/,
+      final/, plots/, ...); a run dir that also holds anything else is refused, naming the file.
+    - not empty and no marker: UserError (never deleted, even with overwrite).
+    Nothing is written or deleted before the checks pass (`check_run_dir`, then `create_run_dir`).
+    """
+    p = check_run_dir(path, config_hash, resume=resume, overwrite=overwrite, config=config, exclude=exclude)
+    return create_run_dir(p, config_hash, overwrite=overwrite, config=config)

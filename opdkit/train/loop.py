@@ -46,11 +46,11 @@ from opdkit.rollout import RolloutBatch
 from opdkit.rollout.base import stop_ids
 from opdkit.teacher import Teacher, TeacherRequest, check_serves
 from opdkit.train import setup
-from opdkit.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, save_model_dir,
+from opdkit.checkpoint import (latest_checkpoint, load_checkpoint, run_min_bytes, save_checkpoint, save_model_dir,
                                save_sharded_checkpoint)
 from opdkit.train.config import TrainConfig
 from opdkit.report.plots import plot_run, reward_histogram
-from opdkit.train.logging import Progress, prepare_run_dir
+from opdkit.train.logging import check_free_space, check_run_dir, create_run_dir, owned_bytes, Progress
 from opdkit.train.rollouts import StepBatches, sampling_spec, stale_rows, step_seed
 from opdkit.metrics_log import MetricsLogger, read_metrics
 from opdkit.train.signals import GracefulStop
@@ -257,6 +257,10 @@ def _setup_and_train(cfg: TrainConfig, dist: Dist) -> dict:
     frozen = setup.frozen_self_teacher(cfg, student)  # OPSD's frozen teacher: the initial weights, before LoRA
     student = setup.maybe_lora(student, cfg.model)
     eos, pad, masked = stop_ids(student, tok, cfg.rollout.masked_tokens)
+    setup.check_vocab_knobs(cfg, student)  # objective.top_k / rollout.top_k above the vocabulary
+    for note in setup.check_prompts(cfg, source, tok, cfg.seed):  # all prompts too long -> UserError; <unk> chars
+        if dist.is_main:
+            _printer(cfg)(note)
     if dist.distributed:  # rank 0's weights on every rank, then FSDP2: each decoder layer and the root
         student = shard_student(student, dist)
     teacher = setup.build_teacher(cfg, student, tok, frozen, pad_token_id=pad, source=source, dist=dist)
@@ -271,9 +275,10 @@ def _setup_and_train(cfg: TrainConfig, dist: Dist) -> dict:
 def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: TeacherRequest) -> dict:
     student, tok, teacher, dist = m.student, m.tokenizer, m.teacher, m.dist
     chash = config_hash(cfg, exclude=RESUMABLE_KNOBS)
-    run_dir = on_main(dist, lambda: prepare_run_dir(cfg.run_dir, chash, resume=cfg.resume, overwrite=cfg.overwrite,
-                                                     config=cfg, exclude=RESUMABLE_KNOBS))
-
+    # -- run dir: checked, then the checkpoint to resume from loaded and the free space checked, and only then
+    #    written (issue #14: bad input leaves the file system unchanged); by rank 0 under torchrun
+    run_dir = on_main(dist, lambda: check_run_dir(cfg.run_dir, chash, resume=cfg.resume, overwrite=cfg.overwrite,
+                                                   config=cfg, exclude=RESUMABLE_KNOBS))
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                             weight_decay=cfg.optim.weight_decay)
@@ -284,6 +289,13 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
     if ckpt is not None:
         state = load_checkpoint(ckpt, student, opt, sched)
         start, extra = state["step"], state.get("extra", {})
+    def make_run_dir() -> None:
+        check_free_space(run_dir, run_min_bytes(student), "a checkpoint plus the final model",
+                         reclaimable_bytes=owned_bytes(run_dir) if cfg.overwrite else 0)
+        create_run_dir(run_dir, chash, overwrite=cfg.overwrite, config=cfg)
+
+    on_main(dist, make_run_dir)
+    # -- end of the run-dir block
     # A resumed run continues its counters (teacher compute is compared at equal budgets by `opdkit compare`).
     teacher_tokens = int(extra.get("teacher_tokens", 0))
     skipped_streak, skipped_total = int(extra.get("skipped_streak", 0)), int(extra.get("skipped_total", 0))
@@ -367,7 +379,8 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
                     "response_length/mean": lengths_all.double().mean().item() if lengths_all.numel() else 0.0,
                     "response_length/max": int(lengths_all.max()) if lengths_all.numel() else 0,
                     "finished_frac": finished_all.double().mean().item() if finished_all.numel() else 0.0,
-                    "prompts_too_long": plan.report["n_too_long"], "teacher_tokens": teacher_tokens,
+                    "prompts_too_long": plan.report["n_too_long"], "prompts_unk_tokens": plan.report["n_unk_tokens"],
+                    "teacher_tokens": teacher_tokens,
                     "skipped_total": skipped_total, **teacher.stats(), **batches.stats(), **stale_metrics,
                     **rollout_timing, "lr": sched.get_last_lr()[0], "time/generate": t1 - t0, "time/score": t2 - t1,
                     "time/update": t3 - t2, "time/weight_sync": t4 - t3,

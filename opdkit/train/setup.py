@@ -15,8 +15,8 @@ import torch
 import yaml
 
 from opdkit.data.prompts import PromptRecord
-from opdkit.errors import UserError
-from opdkit.models import apply_lora, check_compatible, load_causal_lm, resolve_dtype
+from opdkit.errors import UserError, one_line
+from opdkit.models import apply_lora, check_compatible, load_causal_lm, load_error, resolve_dtype
 from opdkit.specs import embedded_task_info, resolve_model_spec
 from opdkit.teacher.hf import frozen_copy
 
@@ -58,7 +58,10 @@ def load_student(mcfg, seed: int):
         tok_dir = resolve_model_spec(mcfg.tokenizer)
         if not Path(tok_dir).is_dir():
             raise UserError(f"model.tokenizer={mcfg.tokenizer!r} is not a directory")
-        tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        try:
+            tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exception
+            raise load_error("model.tokenizer", tok_dir, exc) from None
     return model, tok
 
 
@@ -241,8 +244,28 @@ def _record(ex, privileged_field: str | None = None, completion_field: str | Non
     return PromptRecord(prompt_text=ex.prompt, answer=ex.answer, privileged=privileged, meta=meta)
 
 
+def _load_split(spec: str, split: str, dcfg, kw: dict) -> list:
+    """The rows of data.prompts that `opdkit train` uses for `split` ("train", or "heldout" for data.eval_prompts).
+    The messages name the knobs `opdkit train` has (it has no `split` knob)."""
+    from opdkit.tasks import DatasetError, load_examples
+
+    try:
+        return load_examples(spec, split=split, **kw)
+    except DatasetError as e:
+        knob = "" if split == "train" else " (or set data.eval_prompts=0: no held-out evaluation)"
+        if e.reason == "no_split":
+            raise UserError(f"data.prompts={spec}: a DatasetDict with splits {', '.join(e.splits or [])} and no "
+                            f"{split!r} split; opdkit train reads split 'train' for training and 'heldout' for "
+                            f"data.eval_prompts: save those splits{knob}") from None
+        if e.reason == "empty_split":
+            raise UserError(f"data.prompts={spec}: none of its {e.n_rows} rows falls in the {split} split (opdkit "
+                            f"puts about 1 row in 10 in the held-out split, by a hash of the prompt): add rows"
+                            f"{knob}") from None
+        raise UserError(one_line(e)) from None  # already names the file, line and fix
+
+
 def prompt_source(dcfg, seed: int) -> PromptSource:
-    from opdkit.tasks import get_checker, get_task, load_examples
+    from opdkit.tasks import get_checker, get_task
 
     spec = dcfg.prompts
     if spec.startswith("task:"):
@@ -273,12 +296,12 @@ def prompt_source(dcfg, seed: int) -> PromptSource:
 
     kw = dict(prompt_field=dcfg.prompt_field, answer_field=dcfg.answer_field, completion_field=dcfg.completion_field,
               messages_field=dcfg.messages_field)
+    train = _load_split(spec, "train", dcfg, kw)
+    held = _load_split(spec, "heldout", dcfg, kw) if dcfg.eval_prompts else []
     try:
-        train = load_examples(spec, split="train", **kw)
-        held = load_examples(spec, split="heldout", **kw) if dcfg.eval_prompts else []
-    except ValueError as e:  # DatasetError: already names the file, line and fix
-        raise UserError(str(e)) from None
-    checker = get_checker(dcfg.checker)
+        checker = get_checker(dcfg.checker)
+    except ValueError as e:
+        raise UserError(f"data.checker: {one_line(e)}") from None
     train_records = [_record(ex, dcfg.privileged_field, dcfg.completion_field) for ex in train]
     eval_records = [_record(ex, dcfg.privileged_field) for ex in held[: dcfg.eval_prompts]]
     if dcfg.completion_field and any(r.meta.get("completion") is None for r in train_records):
@@ -296,3 +319,88 @@ def prompt_source(dcfg, seed: int) -> PromptSource:
         raise UserError(f"data.route_field={dcfg.route_field!r} is in no row of {spec}; name a field of its rows")
     return PromptSource(draw, eval_records, score, f"{spec} ({len(train_records)} train prompts)", route_key=route,
                         train_records=train_records)
+
+
+# --------------------------------------------------------------------------------------------- checks before the run
+PROMPT_CHECK_ROWS = 2048  # train prompts encoded at set-up (all of a dataset up to this many; a task: a draw)
+
+
+def check_vocab_knobs(cfg, student) -> None:
+    """Knobs bounded by the vocabulary, checked against the student's output layer before anything is written:
+    objective.top_k (estimator topk) and rollout.top_k."""
+    head = student.get_output_embeddings() if hasattr(student, "get_output_embeddings") else None
+    V = None if head is None or getattr(head, "weight", None) is None else int(head.weight.shape[0])
+    if V is None:
+        return
+    if cfg.objective.estimator == "topk" and cfg.objective.top_k > V:
+        raise UserError(f"objective.top_k={cfg.objective.top_k} is larger than the vocabulary ({V} tokens in the "
+                        f"student's output layer); fix: objective.top_k <= {V}")
+    if cfg.rollout.top_k > V:
+        raise UserError(f"rollout.top_k={cfg.rollout.top_k} is larger than the vocabulary ({V} tokens in the "
+                        f"student's output layer); fix: rollout.top_k <= {V} (0 = off)")
+
+
+def unknown_chars(texts, tok, limit: int = 8) -> list[str]:
+    """Characters of `texts` that the tokenizer turns into its unk token (first `limit`, in order of appearance);
+    [] for tokenizers without one (byte-level BPE encodes every character)."""
+    from opdkit.data.prompts import unk_id
+
+    unk = unk_id(tok)
+    if unk is None:
+        return []
+    seen, out = set(), []
+    for text in texts:
+        for ch in text:
+            if ch in seen:
+                continue
+            seen.add(ch)
+            if unk in tok(ch, add_special_tokens=False)["input_ids"]:
+                out.append(ch)
+                if len(out) >= limit:
+                    return out
+    return out
+
+
+def check_prompts(cfg, source: PromptSource, tok, seed: int) -> list[str]:
+    """Encode the held-out prompts and the train prompts (a dataset's, up to PROMPT_CHECK_ROWS; a task's: a draw)
+    before anything is written. Every train prompt over data.max_prompt_tokens with on_too_long=skip -> UserError
+    (the run could not take a step). Returns notice lines: prompts over the limit, characters the tokenizer turns
+    into <unk> (counted per step in the metrics as prompts_unk_tokens)."""
+    from opdkit.data.prompts import prompt_to_ids, unk_id
+
+    d = cfg.data
+    if source.train_records is not None:
+        rows = source.train_records
+        if len(rows) > PROMPT_CHECK_ROWS:
+            rows = random.Random(seed).sample(rows, PROMPT_CHECK_ROWS)
+        what = (f"{len(rows)} of its {len(source.train_records)} train prompts" if len(rows) < len(
+            source.train_records) else f"all {len(rows)} train prompts")
+    else:
+        rows = source.draw(random.Random(seed), min(PROMPT_CHECK_ROWS, max(256, cfg.rollout.prompts_per_step)))
+        what = f"{len(rows)} train prompts drawn"
+    lens, unk_tokens, unk_prompts = [], 0, 0
+    unk = unk_id(tok)
+    for r in list(rows) + list(source.eval_records):
+        ids = prompt_to_ids(r.prompt_text, tok, use_chat_template=d.use_chat_template)
+        lens.append(len(ids))
+        n = sum(1 for i in ids if i == unk) if unk is not None else 0
+        unk_tokens += n
+        unk_prompts += n > 0
+    train_lens = lens[:len(rows)]
+    notes = []
+    over = sum(1 for n in train_lens if n > d.max_prompt_tokens)
+    if over == len(train_lens) and d.on_too_long == "skip":
+        raise UserError(f"data.prompts={d.prompts}: every prompt is longer than data.max_prompt_tokens="
+                        f"{d.max_prompt_tokens} ({what}: {min(train_lens)} to {max(train_lens)} tokens); fix: "
+                        f"data.max_prompt_tokens={max(train_lens)} or data.on_too_long=truncate")
+    if over:
+        notes.append(f"opdkit: note: {over} of {what} are longer than data.max_prompt_tokens={d.max_prompt_tokens}"
+                     f" (longest {max(train_lens)} tokens): "
+                     + ("skipped when drawn" if d.on_too_long == "skip" else "left-truncated"))
+    if unk_tokens:
+        chars = unknown_chars((r.prompt_text for r in list(rows) + list(source.eval_records)), tok)
+        notes.append(f"opdkit: note: {unk_prompts} of {len(lens)} prompts checked hold characters the tokenizer "
+                     f"does not know ({', '.join(repr(c) for c in chars) or '?'}): they become "
+                     f"{getattr(tok, 'unk_token', '<unk>')} ({unk_tokens} tokens; counted per step as "
+                     "prompts_unk_tokens); fix: a tokenizer that covers them, or clean the prompts")
+    return notes

@@ -98,8 +98,8 @@ class SFTDataConfig:
     eval_prompts: int = h("held-out problems for the periodic greedy eval (tasks: held-out split; datasets: "
                           "eval_jsonl)", default=200)
     eval_jsonl: str | None = h("datasets: held-out JSONL for the eval (prompt + answer fields)", default=None)
-    checker: str = h("datasets: answer checker for eval_jsonl (marker:<TEXT>, math_verify, module:fn)",
-                     default="marker:=>")
+    checker: str = h("datasets: answer checker for eval_jsonl (marker:<TEXT>, math_verify, py:<module>:<fn> or "
+                     "py:<file.py>:<fn>: imports and runs that code)", default="marker:=>")
 
     def __post_init__(self) -> None:
         _range("data", "perturbed_fraction", self.perturbed_fraction, 0.0, 1.0)
@@ -251,7 +251,12 @@ def _setup(cfg: SFTConfig) -> _Setup:
         train_examples = _load_dataset(d.jsonl, d, completion=d.samples_from is None, answer=False)
         if d.eval_jsonl is not None:
             eval_examples = _load_dataset(d.eval_jsonl, d, completion=False, answer=True)[: d.eval_prompts]
-            scorer = d.checker
+            from opdkit.tasks import get_checker
+
+            try:  # resolved now (it may import a py: module), not at the first evaluation
+                scorer = get_checker(d.checker)
+            except ValueError as exc:
+                raise UserError(f"data.checker: {one_line(exc)}") from None
     else:
         task, max_new = resolve_task(d.task or "addition", d.task_args)
         eval_examples = task_examples(task, "heldout", d.eval_prompts, seed=0) if d.eval_prompts else []
@@ -363,8 +368,9 @@ def run_sft(cfg: SFTConfig) -> dict:
     Same guarantees as `opdkit train`: a step with a non-finite loss or gradient norm is skipped and logged
     (sft.max_skipped_steps in a row stop the run with a checkpoint, exit 3); SIGINT/SIGTERM stop after the step
     with a checkpoint; every step appears once in metrics.jsonl (its eval, if any, in the same record)."""
-    from opdkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_dir
-    from opdkit.train.logging import Progress, prepare_run_dir
+    from opdkit.checkpoint import (latest_checkpoint, load_checkpoint, run_min_bytes, save_checkpoint,
+                                   save_model_dir, write_guard)
+    from opdkit.train.logging import Progress, check_free_space, check_run_dir, create_run_dir, owned_bytes
     from opdkit.metrics_log import MetricsLogger
     from opdkit.train.sft_data import StepData
     from opdkit.train.signals import GracefulStop
@@ -375,18 +381,25 @@ def run_sft(cfg: SFTConfig) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                             weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.optim, cfg.steps))
-    run_dir = prepare_run_dir(cfg.run_dir, config_hash(cfg, HASH_EXCLUDE), resume=cfg.resume,
-                              overwrite=cfg.overwrite, config=cfg, exclude=HASH_EXCLUDE)
+    # the run dir is checked, the checkpoint to resume from loaded and the free space checked before anything is
+    # written (bad input leaves the file system unchanged)
+    chash = config_hash(cfg, HASH_EXCLUDE)
+    run_dir = check_run_dir(cfg.run_dir, chash, resume=cfg.resume, overwrite=cfg.overwrite, config=cfg,
+                            exclude=HASH_EXCLUDE)
     say = (lambda line: print(line, file=sys.stdout if cfg.progress else sys.stderr, flush=True))  # noqa: E731
     start, extra, history = 0, {}, []
     ck = latest_checkpoint(run_dir, verify=True, notice=say) if cfg.resume else None
     if ck is not None:
         state = load_checkpoint(ck, model, opt, sched)
         start, extra = state["step"], state.get("extra", {})
+    check_free_space(run_dir, run_min_bytes(model), "a checkpoint plus the final model",
+                     reclaimable_bytes=owned_bytes(run_dir) if cfg.overwrite else 0)
+    create_run_dir(run_dir, chash, overwrite=cfg.overwrite, config=cfg)
     teacher_tokens, train_seconds = int(extra.get("teacher_tokens", 0)), float(extra.get("train_seconds", 0.0))
     skipped_streak, skipped_total = int(extra.get("skipped_streak", 0)), int(extra.get("skipped_total", 0))
     if setup.tokenizer_is_char:
-        tok.save_pretrained(str(run_dir / "tokenizer"))
+        with write_guard(run_dir / "tokenizer"):
+            tok.save_pretrained(str(run_dir / "tokenizer"))
     data = StepData(tokenizer=tok, batch_size=cfg.data.batch_size, seed=cfg.seed, task=setup.task,
                     examples=setup.train_examples, perturbed_fraction=cfg.data.perturbed_fraction,
                     recovery=cfg.data.recovery, teacher=setup.teacher, sample_temperature=cfg.data.sample_temperature,

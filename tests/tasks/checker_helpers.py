@@ -1,4 +1,4 @@
-"""User-style checker functions for the ``module:function`` checker tests."""
+"""User-style checker functions for the ``py:module:function`` checker tests."""
 
 
 def exact_match(completion: str, answer: str) -> bool:

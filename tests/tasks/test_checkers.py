@@ -1,4 +1,4 @@
-"""Answer checkers: math_verify, marker:<TEXT>, module:function."""
+"""Answer checkers: math_verify, marker:<TEXT>, py:module:function, py:file.py:function."""
 
 import pytest
 
@@ -41,26 +41,51 @@ def test_math_verify_checker_in_a_thread():
 
 
 def test_module_function_checker():
-    exact = get_checker("tests.tasks.checker_helpers:exact_match")
+    exact = get_checker("py:tests.tasks.checker_helpers:exact_match")
     assert exact(" 72\n", "72") == 1.0 and exact("71", "72") == 0.0
-    assert get_checker("tests.tasks.checker_helpers:partial_credit")("it is 72", "72") == 0.5
-    picky = get_checker("tests.tasks.checker_helpers:picky")
+    assert get_checker("py:tests.tasks.checker_helpers:partial_credit")("it is 72", "72") == 0.5
+    picky = get_checker("py:tests.tasks.checker_helpers:picky")
     assert picky("72", "72") == 1.0
     for g in GARBAGE:
         assert picky(g, "72") == 0.0  # the user fn raises on garbage: scored 0.0
     with pytest.raises(TypeError, match="must return a bool or a float"):
-        get_checker("tests.tasks.checker_helpers:bad_return")("a", "b")
+        get_checker("py:tests.tasks.checker_helpers:bad_return")("a", "b")
     assert get_checker(lambda c, a: c == a)("x", "x") == 1.0
+
+
+def test_file_checker(tmp_path, monkeypatch):
+    (tmp_path / "rewards.py").write_text("def exact(c, a):\n    return c.strip() == a\n")
+    monkeypatch.chdir(tmp_path)
+    assert get_checker("py:./rewards.py:exact")(" 7 ", "7") == 1.0
+    assert get_checker(f"py:{tmp_path / 'rewards.py'}:exact")("8", "7") == 0.0
+    (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(ValueError, match=r"running .*broken.py failed \(RuntimeError: boom\)"):
+        get_checker("py:broken.py:f")
+
+
+def test_a_spec_that_is_not_a_checker_imports_nothing(tmp_path, monkeypatch):
+    """'regex:x' (a module name in front of a colon) or a bare 'mod:fn': refused, nothing imported."""
+    import sys
+
+    (tmp_path / "trap.py").write_text(f"open({str(tmp_path / 'IMPORTED')!r}, 'w').write('x')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec in ("trap:fn", "regex:x", "exact", "marker", "math_verify:x"):
+        with pytest.raises(ValueError, match=r"unknown checker .*math_verify, marker:<TEXT>.*py:<module>:<function>"):
+            get_checker(spec)
+    assert not (tmp_path / "IMPORTED").exists() and "trap" not in sys.modules
+    with pytest.raises(ValueError, match=r"write py:trap:fn \(that imports 'trap'"):
+        get_checker("trap:fn")
 
 
 @pytest.mark.parametrize(
     "spec, pattern",
     [
-        ("tests.tasks.no_such_module:fn", r"cannot import module 'tests.tasks.no_such_module'"),
-        ("tests.tasks.checker_helpers:nope", r"module 'tests.tasks.checker_helpers' has no attribute 'nope'"),
-        ("tests.tasks.checker_helpers:NOT_CALLABLE", r"'NOT_CALLABLE' is not callable"),
-        (":fn", r"expected 'module:function'"),
-        ("exact", r"unknown checker 'exact'.*math_verify.*marker:<TEXT>.*module:function"),
+        ("py:tests.tasks.no_such_module:fn", r"no module 'tests.tasks.no_such_module' on the import path"),
+        ("py:tests.tasks.checker_helpers:nope", r"module 'tests.tasks.checker_helpers' has no attribute 'nope'"),
+        ("py:tests.tasks.checker_helpers:NOT_CALLABLE", r"'NOT_CALLABLE' is not callable"),
+        ("py::fn", r"expected py:<module>:<function>"),
+        ("py:./no_such_file.py:fn", r"no file .*no_such_file.py"),
+        ("exact", r"unknown checker 'exact'.*math_verify.*marker:<TEXT>.*py:<module>:<function>"),
     ],
 )
 def test_checker_spec_errors(spec, pattern):
