@@ -399,7 +399,10 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
     trainable parameter."""
     seen, weights, moments = set(), 0, 0
     for p in model.parameters():
-        key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape)) if p.device.type != "meta" else id(p)
+        # a DTensor (FSDP2) has no storage of its own here; parameters() already yields a tied Parameter once
+        sharded = type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"
+        key = id(p) if sharded or p.device.type == "meta" else (p.untyped_storage().data_ptr(), p.storage_offset(),
+                                                                 tuple(p.shape))
         if key in seen:
             continue
         seen.add(key)

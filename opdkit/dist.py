@@ -5,7 +5,7 @@
     parts = dist.gather(obj)    # every rank's object, in rank order (small per-step values: masks, log-probs)
 
 Under `torchrun --nproc_per_node=N [--nnodes=M --rdzv-endpoint=host:port]` the environment carries RANK,
-WORLD_SIZE, LOCAL_RANK; the device is `cuda:LOCAL_RANK` when CUDA is available, else the CPU. Nothing here is
+WORLD_SIZE, LOCAL_RANK; the device is `cuda:LOCAL_RANK` when CUDA is available, else the CPU (a single process: `cuda:0` or the CPU). Nothing here is
 home-made distributed machinery: it is `torch.distributed` with one default process group.
 """
 
@@ -91,8 +91,8 @@ class Dist:
 def init_dist() -> Dist:
     """A `Dist` from the torchrun environment (initialising the default process group once), else world 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
+    if world <= 1:  # one process: the first GPU when there is one (as rank 0 of a torchrun job would take)
+        return Dist(device=torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu"))
     import torch.distributed as dist
 
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))

@@ -263,6 +263,8 @@ def _setup_and_train(cfg: TrainConfig, dist: Dist) -> dict:
             _printer(cfg)(note)
     if dist.distributed:  # rank 0's weights on every rank, then FSDP2: each decoder layer and the root
         student = shard_student(student, dist)
+    elif dist.device.type != "cpu":  # one process on a GPU (cuda:0)
+        student.to(dist.device)
     teacher = setup.build_teacher(cfg, student, tok, frozen, pad_token_id=pad, source=source, dist=dist)
     try:  # a teacher may hold a server it started: stopped however the run ends
         request = TeacherRequest.for_objective(cfg.objective, chunk_size=cfg.teacher.score_chunk_size)

@@ -98,13 +98,13 @@ def build_teacher(cfg, student, tok, frozen=None, *, pad_token_id: int, source: 
         teacher = server_teacher(cfg, tok, dist=dist)
     elif t.backend in ("self", "self_live"):
         model = frozen if t.backend == "self" else student
-        if t.backend == "self" and dist is not None and dist.distributed:
+        if t.backend == "self" and _placed(dist):
             model = place_teacher(model, t, dist)
         teacher = SelfTeacher(model, tok, t.privileged_template, live=t.backend == "self_live",
                               pad_token_id=pad_token_id, use_chat_template=cfg.data.use_chat_template)
     else:
         model = load_teacher_model(t.model, cfg.model, t, student, tok)
-        if dist is not None and dist.distributed:
+        if _placed(dist):
             model = place_teacher(model, t, dist)
         teacher = HFTeacher(model, name=t.model)
     if t.cache_dir:
@@ -118,12 +118,17 @@ def build_teacher(cfg, student, tok, frozen=None, *, pad_token_id: int, source: 
     return teacher
 
 
+def _placed(dist) -> bool:
+    """A local teacher leaves the CPU under torchrun or in one process on a GPU."""
+    return dist is not None and (dist.distributed or dist.device.type != "cpu")
+
+
 def place_teacher(model, tcfg, dist):
     """A local teacher under torchrun: on this rank's device, replicated (teacher.shard=false: every rank scores its
     own rows with a full copy) or sharded with FSDP2 (teacher.shard=true: 1/world of it at rest, gathered for the
     step's scoring)."""
     model.to(dist.device)
-    if tcfg.shard:
+    if tcfg.shard and dist.distributed:
         from opdkit.fsdp import shard
 
         shard(model)
