@@ -321,47 +321,6 @@ def _keep_newest(run_dir, final: Path, keep_last: int | None) -> None:
                 _remove_dir(d)
 
 
-def save_sharded_checkpoint(run_dir, step: int, model, optimizer, scheduler, dist, *, extra: dict | None = None,
-                            keep_last: int | None = None, sidecar: Callable[[Path], None] | None = None) -> Path:
-    """`save_checkpoint` for an FSDP2 student under torchrun (a collective: every rank calls it): model and optimizer
-    as a sharded torch.distributed.checkpoint in `dcp/` (loadable at any world size), the scheduler, state.json,
-    sidecar and manifest by rank 0, one RNG file per rank; the same atomic rename and manifest."""
-    from opdkit.fsdp import save_dcp
-
-    local_bad = first_nonfinite({k: getattr(v, "_local_tensor", v) for k, v in model.state_dict().items()})
-    if dist.max(0.0 if local_bad is None else 1.0):
-        raise RunFailed(f"refusing to save a checkpoint of step {step}: a weight is not finite (NaN/inf)")
-    root = Path(run_dir) / CHECKPOINTS
-    final = checkpoint_path(run_dir, step)
-    tmp = None
-    if dist.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(f"{TMP_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = str(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=root))
-    tmp = Path(dist.broadcast(tmp))
-    try:
-        save_dcp(tmp / DCP_DIR, model, optimizer)
-        torch.save(_rng_state(), tmp / f"rng-{dist.rank}.pt")
-        dist.barrier()
-        if dist.is_main:
-            if scheduler is not None:
-                torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-            state = {"step": int(step), "time": time.time(), "extra": extra or {}, "world": dist.world}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, allow_nan=True), encoding="utf-8")
-            if sidecar is not None:
-                sidecar(tmp)
-            _seal(tmp, final, step)
-    except BaseException:
-        if dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    dist.barrier()
-    if dist.is_main:
-        _keep_newest(run_dir, final, keep_last)
-    return final
-
-
 CHECKPOINT_LOST = ("; the incomplete checkpoint was removed (the previous ones are intact): resume=true "
                    "continues from the last complete one")
 RESUME_HINT = "; resume=true continues the run from its last complete checkpoint"
@@ -448,7 +407,9 @@ def load_model_state(path: str | os.PathLike, model: torch.nn.Module) -> None:
         if problem is not None:
             raise UserError(f"checkpoint {p} is damaged: {problem}")
     if p.is_dir() and is_sharded_checkpoint(p):
-        _load_sharded(p, model, None)
+        from opdkit.checkpoint_dcp import load_sharded
+
+        load_sharded(p, model, None)
         return
     try:
         with safe_open(str(f), framework="pt") as fh:
@@ -507,7 +468,9 @@ def load_checkpoint(
     if sharded:  # model + optimizer from torch.distributed.checkpoint, resharded to this run's world size
         if (p / MANIFEST_FILE).exists() and (problem := verify_checkpoint(p)) is not None:
             raise UserError(f"checkpoint {p} is damaged: {problem}")
-        _load_sharded(p, model, optimizer)
+        from opdkit.checkpoint_dcp import load_sharded
+
+        load_sharded(p, model, optimizer)
     else:
         from opdkit.fsdp import is_sharded
 
@@ -549,31 +512,6 @@ def load_checkpoint(
         else:
             warnings.warn(f"checkpoint {p} has no {rng_file}; RNG state not restored", stacklevel=2)
     return state
-
-
-def _load_sharded(p: Path, model, optimizer) -> None:
-    from opdkit.fsdp import load_dcp
-
-    try:
-        if optimizer is not None:
-            load_dcp(p / DCP_DIR, model, optimizer)
-        else:
-            import torch.distributed as dist
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-            state = {"model": get_model_state_dict(model)}
-            single = not (dist.is_available() and dist.is_initialized())
-            with warnings.catch_warnings():  # one process reading a torchrun checkpoint: intended
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-                dcp.load(state, checkpoint_id=str(p / DCP_DIR), no_dist=single)
-            set_model_state_dict(model, state["model"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise UserError(f"sharded checkpoint {p} does not fit this run ({one_line(exc)[:300]})") from None
-    bad = next((n for n, t in model.named_parameters() if t.is_floating_point() and t.numel()
-                and not bool(torch.isfinite(getattr(t, "_local_tensor", t)).all())), None)
-    if bad is not None:
-        raise UserError(f"checkpoint {p} holds non-finite weights ({bad} has NaN/inf); fix: use an earlier checkpoint")
 
 
 # ----------------------------------------------------------------------------------------------------------- HF dirs

@@ -58,8 +58,10 @@ def main() -> None:
         cfg = load_config(TrainConfig, *config_args(base))
         student, tok = setup.load_student(cfg.model, cfg.seed)
         t0 = time.perf_counter()
-        rollout = VLLMRollout.start(student, tok, python=str(vllm), max_model_len=cfg.data.max_prompt_tokens
-                                    + cfg.rollout.max_new_tokens, kv_cache_gib=2, startup_timeout_s=900)
+        max_len = min(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,  # as the trainer sizes it
+                      int(getattr(student.config, "max_position_embeddings", 1 << 30)))
+        rollout = VLLMRollout.start(student, tok, python=str(vllm), max_model_len=max_len, kv_cache_gib=2,
+                                    startup_timeout_s=900)
         print(f"vLLM rollout server up in {time.perf_counter() - t0:.0f} s", flush=True)
         url = f"rollout.vllm.url={rollout.engine.url}"
         cases += [("vllm", ["rollout.backend=vllm", url]),

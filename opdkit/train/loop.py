@@ -46,8 +46,8 @@ from opdkit.rollout import RolloutBatch
 from opdkit.rollout.base import stop_ids
 from opdkit.teacher import Teacher, TeacherRequest, check_serves
 from opdkit.train import setup
-from opdkit.checkpoint import (latest_checkpoint, load_checkpoint, run_min_bytes, save_checkpoint, save_model_dir,
-                               save_sharded_checkpoint)
+from opdkit.checkpoint import latest_checkpoint, load_checkpoint, run_min_bytes, save_checkpoint, save_model_dir
+from opdkit.checkpoint_dcp import save_sharded_checkpoint
 from opdkit.train.config import TrainConfig
 from opdkit.report.plots import plot_run, reward_histogram
 from opdkit.train.logging import check_free_space, check_run_dir, create_run_dir, owned_bytes, Progress
