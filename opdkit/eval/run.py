@@ -213,13 +213,15 @@ class EvalConfig:
                          "default: embedded unless data is given", default=None)
     task_args: dict = h("task options, e.g. {digits: 4}", default_factory=dict)
     split: str = h("task split: heldout or train", default="heldout")
-    data: str | None = h("a JSONL file or save_to_disk dir to evaluate on instead of a task", default=None)
+    data: str | None = h("a JSONL file or save_to_disk dir to evaluate on instead of a task (aliases: data.jsonl, "
+                         "data.prompts)", default=None)
     prompt_field: str = h("dataset field with the prompt", default="prompt")
     answer_field: str = h("dataset field with the reference answer", default="answer")
     messages_field: str | None = h("dataset field with chat messages (instead of prompt_field)", default=None)
-    checker: str = h("answer checker for datasets: marker:<TEXT>, math_verify, py:<module>:<function> or "
-                     "py:<file.py>:<function> (imports and runs that code)", default="marker:=>")
-    n: int = h("problems (task: distinct held-out problems; dataset: first n rows, 0 = all)", default=200)
+    checker: str = h("answer checker for datasets: marker:<TEXT>, marker (= marker:=>, no shell character to "
+                     "quote), math_verify, py:<module>:<function> or py:<file.py>:<function> (imports and runs that "
+                     "code)", default="marker:=>")
+    n: int = h("problems (task: distinct held-out problems; dataset: the FIRST n rows, 0 = all)", default=200)
     k: int = h("report avg@k and pass@k", default=1)
     n_samples: int | None = h("samples per problem for the pass@k estimator (default: k)", default=None)
     temperature: float = h("sampling temperature (0 = greedy)", default=0.0)

@@ -70,7 +70,7 @@ class ModelConfig:
 class DataConfig:
     prompts: str = h("prompt source: task:<name> (built-in task, train split; task:a+b mixes tasks equally), a "
                      ".jsonl file, or a datasets dir "
-                     "saved with save_to_disk", default="task:embedded")
+                     "saved with save_to_disk (alias: data.jsonl, opdkit sft's name)", default="task:embedded")
     prompt_field: str = h("JSONL/dataset field with the prompt text", default="prompt")
     messages_field: str | None = h("field with chat messages (list of {role, content}) instead of prompt_field",
                                    default=None)
@@ -81,8 +81,10 @@ class DataConfig:
                                 "(built-in tasks: the task name)", default=None)
     privileged_field: str | None = h("field with privileged context for a self-teacher (OPSD), e.g. the reference "
                                      "solution (default: the answer field)", default=None)
-    checker: str = h("answer checker for user datasets: math_verify, marker:<TEXT>, py:<module>:<function> or "
-                     "py:<file.py>:<function> (imports and runs that code; docs/tasks.md)", default="marker:=>")
+    checker: str = h("answer checker for user datasets: math_verify, marker:<TEXT>, marker (= marker:=>, no shell "
+                     "character to quote), py:<module>:<function> or py:<file.py>:<function> (imports and runs that "
+                     "code; docs/tasks.md); checked on the reference completions before any compute",
+                     default="marker:=>")
     use_chat_template: bool | None = h("apply the tokenizer's chat template (default: when it has one)", default=None)
     max_prompt_tokens: int = h("prompts longer than this are reported and handled by on_too_long", default=256)
     on_too_long: str = h("skip or truncate (left) over-long prompts", default="skip")

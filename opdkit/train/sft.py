@@ -79,7 +79,8 @@ class SFTDataConfig:
     task: str | None = h("built-in task (addition, arith_chain, or embedded = the embedded setting's task); "
                          "default: addition unless jsonl is given", default=None)
     task_args: dict = h("task options, e.g. {digits: 4}", default_factory=dict)
-    jsonl: str | None = h("a JSONL file / save_to_disk dir with prompt and completion fields", default=None)
+    jsonl: str | None = h("a JSONL file / save_to_disk dir with prompt and completion fields (alias: data.prompts, "
+                          "opdkit train's name)", default=None)
     prompt_field: str = h("dataset field with the prompt", default="prompt")
     completion_field: str = h("dataset field with the target completion", default="completion")
     answer_field: str | None = h("dataset field with the answer (only for eval_jsonl)", default="answer")
@@ -98,8 +99,8 @@ class SFTDataConfig:
     eval_prompts: int = h("held-out problems for the periodic greedy eval (tasks: held-out split; datasets: "
                           "eval_jsonl)", default=200)
     eval_jsonl: str | None = h("datasets: held-out JSONL for the eval (prompt + answer fields)", default=None)
-    checker: str = h("datasets: answer checker for eval_jsonl (marker:<TEXT>, math_verify, py:<module>:<fn> or "
-                     "py:<file.py>:<fn>: imports and runs that code)", default="marker:=>")
+    checker: str = h("datasets: answer checker for eval_jsonl (marker:<TEXT>, marker = marker:=>, math_verify, "
+                     "py:<module>:<fn> or py:<file.py>:<fn>: imports and runs that code)", default="marker:=>")
 
     def __post_init__(self) -> None:
         _range("data", "perturbed_fraction", self.perturbed_fraction, 0.0, 1.0)
