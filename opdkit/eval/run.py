@@ -325,17 +325,19 @@ def run_eval(cfg: EvalConfig) -> dict:
 
         check_creatable(out_path.parent, "the directory of", "out")
     examples, checker, max_new = eval_examples(cfg)
-    notes, checker_name = [], None
+    notes, checker_name, verified = [], None, False
     if isinstance(checker, str):  # a dataset: the checker resolved once (a py: file runs once), checked on the data
         from opdkit.tasks import get_checker
-        from opdkit.tasks.checkers import reference_check
+        from opdkit.tasks.checkers import credits_references, reference_check
 
         try:
             fn = get_checker(checker)
         except ValueError as exc:
             raise UserError(f"checker {checker!r}: {one_line(exc)}") from None
-        note = reference_check(fn, [((ex.meta or {}).get("completion"), ex.answer) for ex in examples], checker)
+        pairs = [((ex.meta or {}).get("completion"), ex.answer) for ex in examples]
+        note = reference_check(fn, pairs, checker)
         notes += [note] if note else []
+        verified = credits_references(fn, pairs)  # then an all-zero score is the model's, not the checker's
         checker, checker_name = fn, f"checker={cfg.checker}"
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     model, tok = load_eval_model(cfg.model, tokenizer=cfg.tokenizer, dtype=dtype)
@@ -350,7 +352,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     res = evaluate(model, tok, examples, checker, k=cfg.k, n_samples=cfg.n_samples, temperature=cfg.temperature,
                    top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens or max_new, batch_size=cfg.batch_size,
                    seed=cfg.seed, progress=prog, checker_name=checker_name)
-    res["warnings"] = notes + res.get("warnings", [])
+    res["warnings"] = notes + ([] if verified else res.get("warnings", []))
     from opdkit.config import config_to_dict
 
     res["config"] = config_to_dict(cfg)

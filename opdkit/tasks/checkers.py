@@ -31,8 +31,8 @@ from typing import Any, Callable
 
 from .base import ANSWER_MARKER, extract_answer
 
-__all__ = ["Checker", "all_zero_warning", "get_checker", "marker_checker", "math_verify_checker",
-           "reference_check"]
+__all__ = ["Checker", "all_zero_warning", "credits_references", "get_checker", "marker_checker",
+           "math_verify_checker", "reference_check"]
 
 Checker = Callable[[str, str], float]
 log = logging.getLogger(__name__)
@@ -208,11 +208,25 @@ def _hint(spec: str) -> str:
     return _SHELL_HINT if isinstance(spec, str) and spec.startswith("marker:") else "check the checker and the answer field"
 
 
+def _with_completion(pairs, limit: int) -> list:
+    return [(c, a) for c, a in pairs if isinstance(c, str) and c and isinstance(a, str)][:limit]
+
+
+def credits_references(checker: Checker, pairs, limit: int = 200) -> bool:
+    """Whether `checker` gives at least one reference (completion, answer) pair credit: then an evaluation that
+    scores 0 is the model's doing, not the checker's (no all-zero warning needed)."""
+    pairs = _with_completion(pairs, limit)
+    try:
+        return any(float(checker(c, a)) > 0 for c, a in pairs)
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def reference_check(checker: Checker, pairs, spec: str, knob: str = "checker", limit: int = 200) -> str | None:
     """A one-line note when `checker` scores 0 on EVERY reference (completion, answer) pair of the data (the first
     `limit` pairs with a completion): then it would score 0 on a perfect model too (a wrong marker, e.g. a shell
     that ate the '>' of marker:=>). None when it gives some pair credit, or there are no completions to check."""
-    pairs = [(c, a) for c, a in pairs if isinstance(c, str) and c and isinstance(a, str)][:limit]
+    pairs = _with_completion(pairs, limit)
     if not pairs:
         return None
     try:

@@ -210,6 +210,7 @@ class _Setup:
     max_new_tokens: int
     notes: list = field(default_factory=list)  # set-up notices, printed at the start
     checker_name: str | None = None
+    checker_verified: bool = False  # the checker credits some reference completion: an all-zero eval is the model's
 
 
 def _user(msg: str, exc: BaseException | None = None) -> UserError:
@@ -251,7 +252,7 @@ def _setup(cfg: SFTConfig) -> _Setup:
     from opdkit.tasks import build_char_tokenizer
 
     d = cfg.data
-    task, max_new, train_examples, eval_examples, scorer, notes = None, 256, None, [], None, []
+    task, max_new, train_examples, eval_examples, scorer, notes, verified = None, 256, None, [], None, [], False
     if d.jsonl is not None:
         train_examples = _load_dataset(d.jsonl, d, completion=d.samples_from is None, answer=False)
         if d.eval_jsonl is not None:
@@ -262,11 +263,12 @@ def _setup(cfg: SFTConfig) -> _Setup:
                 scorer = get_checker(d.checker)
             except ValueError as exc:
                 raise UserError(f"data.checker: {one_line(exc)}") from None
-            from opdkit.tasks.checkers import reference_check
+            from opdkit.tasks.checkers import credits_references, reference_check
 
-            note = reference_check(scorer, [((ex.meta or {}).get("completion"), ex.answer) for ex in eval_examples],
-                                   d.checker, knob="data.checker")
+            pairs = [((ex.meta or {}).get("completion"), ex.answer) for ex in eval_examples]
+            note = reference_check(scorer, pairs, d.checker, knob="data.checker")
             notes += [note] if note else []
+            verified = credits_references(scorer, pairs)
     else:
         task, max_new = resolve_task(d.task or "addition", d.task_args)
         eval_examples = task_examples(task, "heldout", d.eval_prompts, seed=0) if d.eval_prompts else []
@@ -317,7 +319,7 @@ def _setup(cfg: SFTConfig) -> _Setup:
                         f"raise it to >= {64 + max_new}")
     model.train()
     return _Setup(model, tok, is_char, task, train_examples, eval_examples, scorer, teacher, max_new, notes,
-                  f"data.checker={d.checker}" if task is None else None)
+                  f"data.checker={d.checker}" if task is None else None, verified)
 
 
 # ----------------------------------------------------------------------------------------------------------- training
@@ -363,7 +365,7 @@ def _eval(setup: _Setup, cfg: SFTConfig, warn: bool = False) -> dict:
                    max_new_tokens=setup.max_new_tokens, batch_size=100, seed=0, keep_records=False,
                    checker_name=setup.checker_name)
     setup.model.train()
-    for line in res.get("warnings", []) if warn else []:  # the trained model scored 0 on everything: said once
+    for line in res.get("warnings", []) if warn and not setup.checker_verified else []:  # the trained model scored 0 on everything: said once
         if line not in setup.notes:
             setup.notes.append(line)
             print(line, file=sys.stderr, flush=True)

@@ -125,8 +125,17 @@ def test_checker_that_matches_nothing_is_a_warning_not_a_silent_zero(tiny, tmp_p
     res = json.loads((tmp_path / "e.json").read_text())
     assert len(res["warnings"]) == 2 and res["avg@k"] == 0.0
     assert main([f"model={final}", f"data={data}", "checker=marker", "max_new_tokens=4", "show=0",
+                 "progress=false", f"out={tmp_path / 'ok.json'}"]) == 0
+    err = capsys.readouterr().err
+    assert "reference completions" not in err  # marker (= marker:=>) credits the references...
+    assert json.loads((tmp_path / "ok.json").read_text())["avg@k"] == 0.0  # ...so a 0% is the random model's,
+    assert "scored 0" not in err  # not a checker problem: no warning
+    bare = tmp_path / "no_completions.jsonl"  # nothing to check the checker on: the all-zero eval is a warning
+    bare.write_text("".join(json.dumps({"prompt": ex.prompt, "answer": ex.answer}) + "\n"
+                            for ex in task.sample("heldout", 6, seed=0)))
+    assert main([f"model={final}", f"data={bare}", "checker=marker", "max_new_tokens=4", "show=0",
                  "progress=false"]) == 0
-    assert "reference completions" not in capsys.readouterr().err  # marker (= marker:=>) credits the references
+    assert "every one of the 6 responses scored 0 with checker=marker" in capsys.readouterr().err
     # a task (not a checker) scoring 0 is no checker problem: no warning
     res = evaluate(*tiny[:2], task.sample("heldout", 3, seed=0), task, max_new_tokens=2, keep_records=False)
     assert "warnings" not in res

@@ -113,5 +113,9 @@ def test_reference_check_and_all_zero_warning():
     assert note.startswith("opdkit: warning: data.checker=marker:= scores 0 on every one of the 2 reference")
     assert "quote the argument" in note and "\n" not in note
     assert reference_check(get_checker("marker:="), [(None, "1")], "marker:=") is None  # nothing to check
+    from opdkit.tasks.checkers import credits_references
+
+    assert credits_references(get_checker("marker"), pairs) and not credits_references(get_checker("marker:="), pairs)
+    assert not credits_references(get_checker("marker"), [(None, "1")])
     line = all_zero_warning("checker=math_verify", 20)
     assert "every one of the 20 responses scored 0" in line and "check the checker" in line
