@@ -127,3 +127,22 @@ def test_bad_input_one_line_exit_2_nothing_written(pair, tmp_path, capsys, extra
     assert re.search(pattern, err[0]), err[0]
     assert not run.exists()
 
+
+
+def test_held_out_evals_are_left_out_of_the_progress_eta(pair, tmp_path, capsys, monkeypatch):
+    """Issue #15: the first progress line folded an evaluation into s/step (`29.6 s/step | eta 5h34m`)."""
+    import time
+
+    real = loop.evaluate_greedy
+
+    def slow_eval(*a, **kw):
+        time.sleep(2.0)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(loop, "evaluate_greedy", slow_eval)
+    over = [o for o in base_overrides(pair, tmp_path / "run", steps=3) if o != "progress=false"]
+    capsys.readouterr()
+    loop.train(load_config(TrainConfig, None, over + ["eval_every=1", "progress=true"]))
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("opd step")]
+    rates = [float(re.search(r"\| ([0-9.e+-]+) s/step", x).group(1)) for x in lines]
+    assert len(rates) == 3 and max(rates) < 1.5, lines  # 4 evals x 2 s would make every rate > 2 s/step
