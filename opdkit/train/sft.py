@@ -112,6 +112,9 @@ class SFTDataConfig:
             _pos_int("data", "max_new_tokens", self.max_new_tokens)
         if self.recovery not in ("resume", "redo"):
             raise ValueError(f"data.recovery={self.recovery!r} is not one of resume, redo")
+        if self.jsonl is not None and self.jsonl.startswith("task:"):  # opdkit train's data.prompts=task:<name>
+            raise ValueError(f"data.jsonl={self.jsonl} names a built-in task: opdkit sft takes "
+                             f"data.task={self.jsonl[len('task:'):]}")
         if self.task is not None and self.jsonl is not None:
             raise ValueError("data.task and data.jsonl exclude each other: train on a task or on a dataset")
         if self.perturbed_fraction > 0 and (self.jsonl is not None or self.samples_from is not None):

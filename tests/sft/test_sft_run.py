@@ -146,3 +146,12 @@ def test_sft_eval_jsonl_checker_scoring_no_reference_is_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "data.checker=marker:= scores 0 on every one of the 5 reference completions" in err
     assert "every one of the 5 responses scored 0 with data.checker=marker:=" in err
+
+
+def test_train_spelling_of_the_data_path(tmp_path, capsys):
+    """data.prompts (opdkit train's name) is data.jsonl here; its task:<name> form names the sft knob to use."""
+    assert load_config(SFTConfig, None, ["data.prompts=x.jsonl"]).data.jsonl == "x.jsonl"
+    assert main(["data.prompts=task:addition", f"run_dir={tmp_path / 'never'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("opdkit: error:") and "data.task=addition" in err and "\n" not in err
+    assert not (tmp_path / "never").exists()
