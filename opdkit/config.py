@@ -40,6 +40,8 @@ __all__ = [
     "markdown_table",
     "Knob",
     "type_name",
+    "config_file_flag",
+    "ALIASES_ATTR",
 ]
 
 T = TypeVar("T")
@@ -349,15 +351,78 @@ def _read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+ALIASES_ATTR = "KEY_ALIASES"  # a config class's {alias dotted key: knob dotted key} (e.g. data.jsonl -> data.prompts)
+
+
+def key_aliases(cls: type) -> dict[str, str]:
+    """The key aliases of config class `cls` (its `KEY_ALIASES` class attribute; {} when it has none)."""
+    return dict(getattr(cls, ALIASES_ATTR, None) or {})
+
+
+def _alias_key(key: str, aliases: Mapping[str, str]) -> str:
+    for alias, target in aliases.items():
+        if key == alias or key.startswith(alias + "."):
+            return target + key[len(alias):]
+    return key
+
+
+def _apply_aliases(data: dict, aliases: Mapping[str, str], where: str) -> dict:
+    """A YAML mapping with every alias key moved to its knob (nested: `{data: {jsonl: x}}` -> `{data: {prompts:
+    x}}`); an alias given next to its knob -> UserError."""
+    for alias, target in aliases.items():
+        parts, node, chain = alias.split("."), data, []
+        for part in parts[:-1]:
+            nxt = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(nxt, dict):
+                node = None
+                break
+            chain.append((node, part))
+            node = nxt
+        if not isinstance(node, dict) or parts[-1] not in node:
+            continue
+        value = node.pop(parts[-1])
+        for parent, part in reversed(chain):  # drop the sections the move emptied (`data: {}` of eval's data.jsonl)
+            if parent[part] == {}:
+                del parent[part]
+        tparts, tnode = target.split("."), data
+        for part in tparts[:-1]:
+            if not isinstance(tnode.get(part), dict):
+                tnode[part] = {}
+            tnode = tnode[part]
+        if tparts[-1] in tnode:
+            raise UserError(f"{where}: {alias!r} is another name of {target!r}; give only one of them")
+        tnode[tparts[-1]] = value
+    return data
+
+
+def config_file_flag(args: Sequence[str]) -> list[str]:
+    """`--config FILE` / `--config=FILE` as the first arguments -> `FILE` (the config file is the first argument:
+    both spellings are accepted); `--config` without a file -> UserError."""
+    args = list(args)
+    if args and args[0] == "--config":
+        if len(args) < 2 or "=" in args[1]:
+            raise UserError("--config needs a file: give the config file as the first argument (opdkit <command> "
+                            "config.yaml key=value ...)")
+        return args[1:]
+    if args and args[0].startswith("--config="):
+        return [args[0][len("--config="):], *args[1:]]
+    return args
+
+
 def load_config(cls: type[T], yaml_path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
     """Config `cls` from an optional YAML file plus `key=value` overrides (dotted keys for sections), applied in order.
 
     Values are parsed with yaml.safe_load and checked/coerced against the field annotations. Every problem (missing
-    or unparseable file, unknown key, wrong type, a section's own validation) raises a one-line UserError.
+    or unparseable file, unknown key, wrong type, a section's own validation) raises a one-line UserError. Keys in
+    `cls.KEY_ALIASES` (file or overrides) are read as the knob they name.
     """
+    aliases = key_aliases(cls)
     data = _read_yaml(yaml_path) if yaml_path is not None else {}
+    if aliases:
+        data = _apply_aliases(data, aliases, f"config file {yaml_path}")
     raws: dict[str, str] = {}
     for key, value, raw in parse_overrides(overrides):
+        key = _alias_key(key, aliases)
         _set_path(cls, data, key, value)
         for k in [k for k in raws if k == key or k.startswith(key + ".")]:
             del raws[k]
@@ -517,6 +582,10 @@ def help_text(cls: type, width: int = 100) -> str:
             lines.append(f"  {k.name} ({k.type}, default: {k.default})")
             if k.help:
                 lines.extend(textwrap.wrap(k.help, width, initial_indent="      ", subsequent_indent="      "))
+    aliases = key_aliases(cls)
+    if aliases:
+        lines += ["", "[aliases] other names of knobs (the same knob; give one of them)"]
+        lines += [f"  {a} = {t}" for a, t in aliases.items()]
     return "\n".join(lines) + "\n"
 
 

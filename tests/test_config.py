@@ -185,3 +185,29 @@ def test_run_cli() -> None:
         raise UserError("two\nlines")
 
     assert wrapped([]) == 2
+
+
+def test_data_path_aliases_are_shared_by_train_sft_and_eval(tmp_path: Path) -> None:
+    """The data path is data.prompts (train), data.jsonl (sft) and data (eval): each command accepts the others'
+    names, in overrides and in a config file; an alias next to its knob is refused."""
+    from opdkit.eval.run import EvalConfig
+    from opdkit.train.config import TrainConfig
+    from opdkit.train.sft import SFTConfig
+
+    assert load_config(TrainConfig, None, ["data.jsonl=a.jsonl"]).data.prompts == "a.jsonl"
+    assert load_config(SFTConfig, None, ["data.prompts=a.jsonl"]).data.jsonl == "a.jsonl"
+    assert load_config(EvalConfig, None, ["data.jsonl=a.jsonl"]).data == "a.jsonl"
+    assert load_config(EvalConfig, None, ["data.prompts=a.jsonl"]).data == "a.jsonl"
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  jsonl: z.jsonl\n")
+    assert load_config(TrainConfig, str(p), []).data.prompts == "z.jsonl"
+    assert load_config(EvalConfig, str(p), []).data == "z.jsonl"
+    assert load_config(SFTConfig, str(p), []).data.jsonl == "z.jsonl"
+    # the canonical name is what a run saves: the same hash either way
+    assert config_hash(load_config(TrainConfig, None, ["data.jsonl=a.jsonl"])) == config_hash(
+        load_config(TrainConfig, None, ["data.prompts=a.jsonl"]))
+    p.write_text("data:\n  jsonl: z.jsonl\n  prompts: y.jsonl\n")
+    with pytest.raises(UserError, match="another name of 'data.prompts'"):
+        load_config(TrainConfig, str(p), [])
+    assert "data.jsonl = data.prompts" in help_text(TrainConfig)
+    assert run_cli(lambda a: load_config(EvalConfig, None, a) and 0, ["data.jsonl.x=1"], stderr=io.StringIO()) == 2

@@ -95,6 +95,7 @@ def evaluate(
     seed: int = 0,
     keep_records: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    checker_name: str | None = None,
 ) -> dict:
     """Generate `n_samples` (default k) responses per example and score them.
 
@@ -108,6 +109,8 @@ def evaluate(
 
     avg@k is the mean score over all samples; pass@k the unbiased estimator of `opdkit.eval.metrics.pass_at_k`
     (scores >= 0.5 count as correct). records: {"prompt", "answer", "task", "responses", "scores"} per example.
+    With a checker (not a Task) that scores every response 0, "warnings" holds a line saying so (`checker_name`:
+    the spec it names, e.g. ``checker=marker:=``; default: the spec string or the callable's name).
     """
     from opdkit.rollout import generate
 
@@ -176,6 +179,15 @@ def evaluate(
         "per_task": {t: summary(rs) for t, rs in sorted(groups.items())},
         "seconds": time.monotonic() - t0,
     })
+    from opdkit.tasks import Task
+
+    if not isinstance(checker_or_task, Task) and all(x == 0 for r in records for x in r["scores"]):
+        from opdkit.tasks.checkers import all_zero_warning
+
+        name = checker_name or (f"checker={checker_or_task}" if isinstance(checker_or_task, str)
+                                else f"checker={getattr(checker_or_task, '__name__', '?')}")
+        knob, _, spec = name.partition("=")
+        out["warnings"] = [all_zero_warning(spec, len(records) * n_samples, knob=knob)]
     if keep_records:
         out["records"] = records
     return out
@@ -201,13 +213,15 @@ class EvalConfig:
                          "default: embedded unless data is given", default=None)
     task_args: dict = h("task options, e.g. {digits: 4}", default_factory=dict)
     split: str = h("task split: heldout or train", default="heldout")
-    data: str | None = h("a JSONL file or save_to_disk dir to evaluate on instead of a task", default=None)
+    data: str | None = h("a JSONL file or save_to_disk dir to evaluate on instead of a task (aliases: data.jsonl, "
+                         "data.prompts)", default=None)
     prompt_field: str = h("dataset field with the prompt", default="prompt")
     answer_field: str = h("dataset field with the reference answer", default="answer")
     messages_field: str | None = h("dataset field with chat messages (instead of prompt_field)", default=None)
-    checker: str = h("answer checker for datasets: marker:<TEXT>, math_verify, py:<module>:<function> or "
-                     "py:<file.py>:<function> (imports and runs that code)", default="marker:=>")
-    n: int = h("problems (task: distinct held-out problems; dataset: first n rows, 0 = all)", default=200)
+    checker: str = h("answer checker for datasets: marker:<TEXT>, marker (= marker:=>, no shell character to "
+                     "quote), math_verify, py:<module>:<function> or py:<file.py>:<function> (imports and runs that "
+                     "code)", default="marker:=>")
+    n: int = h("problems (task: distinct held-out problems; dataset: the FIRST n rows, 0 = all)", default=200)
     k: int = h("report avg@k and pass@k", default=1)
     n_samples: int | None = h("samples per problem for the pass@k estimator (default: k)", default=None)
     temperature: float = h("sampling temperature (0 = greedy)", default=0.0)
@@ -247,9 +261,15 @@ class EvalConfig:
             raise ValueError("eval.n=0 means all rows, which only a dataset has: give n >= 1 for a task")
 
 
+# the data path has one name per command (train: data.prompts, sft: data.jsonl, eval: data): each accepts the others'
+EvalConfig.KEY_ALIASES = {"data.jsonl": "data", "data.prompts": "data"}
+
+
 def split_cli_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     """`[config.yaml] key=value ...` -> (yaml path or None, overrides). A second bare argument -> UserError."""
-    argv = list(argv)
+    from opdkit.config import config_file_flag
+
+    argv = config_file_flag(argv)
     path = None
     if argv and "=" not in argv[0]:
         path = argv.pop(0)
@@ -305,15 +325,34 @@ def run_eval(cfg: EvalConfig) -> dict:
 
         check_creatable(out_path.parent, "the directory of", "out")
     examples, checker, max_new = eval_examples(cfg)
+    notes, checker_name, verified = [], None, False
+    if isinstance(checker, str):  # a dataset: the checker resolved once (a py: file runs once), checked on the data
+        from opdkit.tasks import get_checker
+        from opdkit.tasks.checkers import credits_references, reference_check
+
+        try:
+            fn = get_checker(checker)
+        except ValueError as exc:
+            raise UserError(f"checker {checker!r}: {one_line(exc)}") from None
+        pairs = [((ex.meta or {}).get("completion"), ex.answer) for ex in examples]
+        note = reference_check(fn, pairs, checker)
+        notes += [note] if note else []
+        verified = credits_references(fn, pairs)  # then an all-zero score is the model's, not the checker's
+        checker, checker_name = fn, f"checker={cfg.checker}"
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     model, tok = load_eval_model(cfg.model, tokenizer=cfg.tokenizer, dtype=dtype)
     console = Console()
     prog = None
     if cfg.progress:
         prog = lambda i, n: console.print(f"eval {i}/{n}", highlight=False)  # noqa: E731
+    import sys
+
+    for line in notes:
+        print(line, file=sys.stderr, flush=True)
     res = evaluate(model, tok, examples, checker, k=cfg.k, n_samples=cfg.n_samples, temperature=cfg.temperature,
                    top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens or max_new, batch_size=cfg.batch_size,
-                   seed=cfg.seed, progress=prog)
+                   seed=cfg.seed, progress=prog, checker_name=checker_name)
+    res["warnings"] = notes + ([] if verified else res.get("warnings", []))
     from opdkit.config import config_to_dict
 
     res["config"] = config_to_dict(cfg)
@@ -329,6 +368,8 @@ def run_eval(cfg: EvalConfig) -> dict:
             tmp.unlink(missing_ok=True)
             raise UserError(write_error_message(exc, out_path).replace("run_dir", "out= path")) from None
     _print_results(res, cfg, console)
+    for line in res["warnings"][len(notes):]:
+        print(line, file=sys.stderr, flush=True)
     return res
 
 

@@ -61,7 +61,9 @@ def config_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
     The first argument may be a config file (kept as is) or a preset name (`smollm2-opsd`); `preset=NAME` anywhere
     among the overrides selects a preset too (at most one of the two). An existing file always wins over a preset
     name."""
-    args = list(args)
+    from opdkit.config import config_file_flag
+
+    args = config_file_flag(args)
     yaml_path = args.pop(0) if args and "=" not in args[0] else None
     if yaml_path is not None and not _looks_like_file(yaml_path):
         yaml_path = str(preset_path(yaml_path))

@@ -5,7 +5,11 @@ touched), 8 x 4.5 in at 110 dpi. A plot whose data is absent is skipped; NaN / "
 
 `HIST_EDGES` are the fixed bin edges of the per-step reward histogram `reward/hist` (`reward_histogram(values)`):
 roughly log-spaced on both sides of 0, from -50 (the log-ratio bound) to 50, fine enough on [-1, 1] for bounded
-rewards (PowerOPD's q^a - p^a).
+rewards (PowerOPD's q^a - p^a). The plot's x range follows the data: the bins that hold any token (a power-reward run
+whose rewards stay in [-1, 1] is drawn on [-1, 1], not on +-50).
+
+`opdkit plot <run_dir> [out=DIR]` redraws the plots of a run (also a killed or an `opdkit sft` run) from its
+metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -243,9 +247,27 @@ def _legend(ax, outside: bool = False, **kw) -> None:
         ax.legend(frameon=True, framealpha=0.85, edgecolor="none", fontsize=9, **kw)
 
 
+_HIST_TICKS = (-50.0, -20.0, -5.0, -2.0, -1.0, -0.5, -0.2, -0.1, 0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 50.0)
+
+
+def hist_range(hists: Sequence[np.ndarray]) -> tuple[int, int]:
+    """(first, last + 1) bin index holding any count in `hists` (all bins when every one is empty): the x range of
+    the histogram plot, so it is scaled to the data and not to the +-50 of the fixed edges."""
+    nonzero = np.zeros(len(HIST_EDGES) - 1, dtype=bool)
+    for h in hists:
+        nonzero |= np.asarray(h) > 0
+    idx = np.flatnonzero(nonzero)
+    if not len(idx):
+        return 0, len(HIST_EDGES) - 1
+    return int(idx[0]), int(idx[-1]) + 1
+
+
 def _draw_hist(ax, hists: Sequence[tuple[str, np.ndarray, str]]) -> None:
-    """Step histograms (fraction of tokens per bin) on a symlog x axis and a log y axis."""
+    """Step histograms (fraction of tokens per bin) on a symlog x axis and a log y axis, over the bins that hold
+    tokens (at least [-0.1, 0.1])."""
     edges = np.asarray(HIST_EDGES)
+    lo_bin, hi_bin = hist_range([c for _, c, _ in hists])
+    lo, hi = min(edges[lo_bin], -0.1), max(edges[hi_bin], 0.1)
     floor = top = None
     for label, counts, color in hists:
         total = counts.sum()
@@ -257,9 +279,17 @@ def _draw_hist(ax, hists: Sequence[tuple[str, np.ndarray, str]]) -> None:
         ax.stairs(np.where(frac > 0, frac, np.nan), edges, color=color, label=label, linewidth=1.6)
         top = frac.max() if top is None else max(top, frac.max())
     _symlog(ax, "x", linthresh=0.1, linscale=0.6)
-    ax.set_xlim(edges[0], edges[-1])
-    ax.set_xticks([-50, -5, -1, 0, 1, 5, 50])
-    ax.set_xticklabels(["≤-50", "-5", "-1", "0", "1", "5", "≥50"])
+    ax.set_xlim(lo, hi)
+    ticks = [t for t in _HIST_TICKS if lo <= t <= hi]
+    if len(ticks) > 7:  # keep ends, 0 and a few in between
+        keep = {ticks[0], ticks[-1], 0.0} | set(ticks[:: max(1, len(ticks) // 6)])
+        ticks = [t for t in ticks if t in keep]
+
+    def label(t: float) -> str:  # the end bins hold the clamped values
+        return f"≤{t:g}" if t == edges[0] else f"≥{t:g}" if t == edges[-1] else f"{t:g}"
+
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([label(t) for t in ticks])
     ax.set_yscale("log")
     if floor is not None:
         ax.set_ylim(floor / 2, min(1.0, top * 2.0))
@@ -278,7 +308,7 @@ def _draw_position(ax, prof: Mapping[str, np.ndarray], color: str, label: str, b
 
 
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
-    """PNG plots of one run into `out_dir` (default `run_dir/plots/`): accuracy.png, reward.png (percentile band),
+    """PNG plots of one run into `out_dir` (default `run_dir/plots/`): accuracy.png, loss.png, reward.png (percentile band),
     grad_norm.png, response_length.png, reward_by_position.png (first and last logged step), reward_hist.png
     (first vs last step, when `reward/hist` is logged). Detector warnings are marked as dotted lines. Returns the
     paths written; a plot whose data is absent is skipped."""
@@ -326,6 +356,20 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         ax.set(title=f"Token reward percentiles — {name}", xlabel="step", ylabel="reward")
         _legend(ax, outside=True)
         paths.append(_save(fig, out / "reward.png"))
+
+    s, loss = _series(recs, "loss")
+    if len(s):
+        fig, ax = _figure()
+        ax.plot(s, loss, color=_TRAIN_COLOR, alpha=0.35 if len(s) > 40 else 1.0, linewidth=0.9, label="loss")
+        k = max(1, len(s) // 20)
+        if k > 1:
+            ax.plot(s, _smooth(loss, k), color=_TRAIN_COLOR, linewidth=1.8, label=f"{k}-step mean")
+        if len(loss) and loss.min() > 0 and loss.max() / loss.min() > 20:
+            ax.set_yscale("log")
+        _mark_warnings(ax, warns)
+        ax.set(title=f"Training loss — {name}", xlabel="step", ylabel="loss")
+        _legend(ax)
+        paths.append(_save(fig, out / "loss.png"))
 
     s, g = _series(recs, "grad_norm")
     g_ok = g > 0
@@ -503,3 +547,45 @@ def plot_compare(runs: Mapping[str, Sequence[str | os.PathLike]], out_dir: str |
         _legend(ax, outside=True)
         result["reward_by_position"] = _save(fig, out / "reward_by_position.png")
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`opdkit plot <run_dir> [out=DIR]`: redraw the plots of a run (opdkit train or sft; finished, killed or still
+    running) from its metrics.jsonl into run_dir/plots/ (or DIR). Bad input -> one line, exit code 2."""
+    from opdkit.errors import UserError, run_cli
+
+    def run(args: Sequence[str]) -> int:
+        if any(a in ("-h", "--help") for a in args):
+            print("usage: opdkit plot <run_dir> [out=DIR]\n\nredraws accuracy, loss, reward, grad_norm, "
+                  "response_length, reward_by_position and reward_hist PNGs from run_dir/metrics.jsonl "
+                  "(default: into run_dir/plots/)")
+            return 0
+        if not args or "=" in args[0]:
+            raise UserError("opdkit plot needs a run dir first: opdkit plot <run_dir> [out=DIR]")
+        run_dir, out_dir = Path(args[0]), None
+        for a in args[1:]:
+            key, sep, value = a.partition("=")
+            if key != "out" or not sep or not value:
+                raise UserError(f"unexpected argument {a!r}: opdkit plot takes <run_dir> and optionally out=DIR")
+            out_dir = Path(value)
+        metrics = run_dir / "metrics.jsonl" if run_dir.is_dir() else run_dir
+        if not metrics.is_file():
+            raise UserError(f"{run_dir}: no metrics.jsonl there; give the run_dir of an opdkit train or sft run")
+        try:
+            recs = read_metrics(metrics)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise UserError(f"{metrics}: cannot be read ({type(exc).__name__}: {exc})") from None
+        from opdkit.train.logging import check_creatable
+
+        check_creatable(out_dir if out_dir is not None else metrics.parent / PLOTS_DIR, "plots dir", "out")
+        paths = plot_run(metrics.parent, out_dir) if recs else []
+        if not paths:
+            print(f"opdkit plot: {metrics} holds no plottable metrics yet ({len(recs)} records); nothing written")
+            return 0
+        print(f"opdkit plot: {len(paths)} plots in {paths[0].parent}: {', '.join(p.name for p in paths)}")
+        return 0
+
+    return run_cli(run, argv)

@@ -7,6 +7,8 @@ Specs:
 * ``"marker:<TEXT>"`` — exact match of the stripped text after the last ``<TEXT>`` in the completion (to the end
   of that line) with the answer; if the answer itself contains ``<TEXT>`` (e.g. a GSM8K solution ending in
   ``#### 72``), the text after its last ``<TEXT>`` is the reference.  E.g. ``marker:####``, ``marker:=>``.
+* ``"marker"`` — the same with the built-in tasks' answer marker ``=>`` (the default): ``marker:=>`` without the
+  ``>`` that a shell reads as a redirect when the argument is not quoted.
 * ``"py:<module>:<function>"`` — a user function ``fn(completion: str, answer: str) -> bool | float`` imported from
   an installed (importable) module, dotted names allowed on both sides, e.g. ``py:mypkg.rewards:exact``.  The
   module is imported, i.e. its code runs: a config or grid file that names a ``py:`` checker makes opdkit run
@@ -27,9 +29,10 @@ import math
 import threading
 from typing import Any, Callable
 
-from .base import extract_answer
+from .base import ANSWER_MARKER, extract_answer
 
-__all__ = ["Checker", "get_checker", "marker_checker", "math_verify_checker"]
+__all__ = ["Checker", "all_zero_warning", "credits_references", "get_checker", "marker_checker",
+           "math_verify_checker", "reference_check"]
 
 Checker = Callable[[str, str], float]
 log = logging.getLogger(__name__)
@@ -88,8 +91,9 @@ def math_verify_checker() -> Checker:
 
 
 USER_PREFIX = "py:"
-BUILTIN_SPECS = ("math_verify", "marker:<TEXT>")
-FORMS = "math_verify, marker:<TEXT> (e.g. marker:####), py:<module>:<function> or py:<file.py>:<function>"
+BUILTIN_SPECS = ("math_verify", "marker:<TEXT>", "marker")
+FORMS = ("math_verify, marker:<TEXT> (e.g. marker:####), marker (= marker:=>), py:<module>:<function> or "
+         "py:<file.py>:<function>")
 
 
 def _is_file_ref(ref: str) -> bool:
@@ -180,6 +184,8 @@ def get_checker(spec: str | Callable[[str, str], Any]) -> Checker:
         raise ValueError(f"checker spec must be a string, got {type(spec).__name__}")
     if spec == "math_verify":
         return math_verify_checker()
+    if spec == "marker":
+        return marker_checker(ANSWER_MARKER)
     if spec.startswith("marker:"):
         return marker_checker(spec[len("marker:") :])
     if spec.startswith(USER_PREFIX):
@@ -190,3 +196,51 @@ def get_checker(spec: str | Callable[[str, str], Any]) -> Checker:
         hint = (f"; for a Python function write py:{spec} (that imports {head!r} and runs its code)" if head and tail
                 else "")
     raise ValueError(f"unknown checker {spec!r}: the checkers are {FORMS}{hint}")
+
+
+# ----------------------------------------------------------------------------------------------------------- sanity
+
+_SHELL_HINT = ("a shell reads an unquoted '>' as a redirect (marker:=> becomes marker:=): quote the argument, "
+               "or write marker (= marker:=>)")
+
+
+def _hint(spec: str) -> str:
+    return _SHELL_HINT if isinstance(spec, str) and spec.startswith("marker:") else "check the checker and the answer field"
+
+
+def _with_completion(pairs, limit: int) -> list:
+    return [(c, a) for c, a in pairs if isinstance(c, str) and c and isinstance(a, str)][:limit]
+
+
+def credits_references(checker: Checker, pairs, limit: int = 200) -> bool:
+    """Whether `checker` gives at least one reference (completion, answer) pair credit: then an evaluation that
+    scores 0 is the model's doing, not the checker's (no all-zero warning needed)."""
+    pairs = _with_completion(pairs, limit)
+    try:
+        return any(float(checker(c, a)) > 0 for c, a in pairs)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def reference_check(checker: Checker, pairs, spec: str, knob: str = "checker", limit: int = 200) -> str | None:
+    """A one-line note when `checker` scores 0 on EVERY reference (completion, answer) pair of the data (the first
+    `limit` pairs with a completion): then it would score 0 on a perfect model too (a wrong marker, e.g. a shell
+    that ate the '>' of marker:=>). None when it gives some pair credit, or there are no completions to check."""
+    pairs = _with_completion(pairs, limit)
+    if not pairs:
+        return None
+    try:
+        if any(float(checker(c, a)) > 0 for c, a in pairs):
+            return None
+    except Exception:  # noqa: BLE001 - a user checker that raises is reported by its own wrapper
+        return None
+    c, a = pairs[0]
+    return (f"opdkit: warning: {knob}={spec} scores 0 on every one of the {len(pairs)} reference completions "
+            f"checked (e.g. completion {c[:60]!r}, answer {a[:40]!r}), so it would score 0 on a perfect model too; "
+            f"{_hint(spec)}")
+
+
+def all_zero_warning(spec: str, n: int, knob: str = "checker") -> str:
+    """The warning line for an evaluation in which every one of `n` responses scored 0 with checker `spec`."""
+    return (f"opdkit: warning: every one of the {n} responses scored 0 with {knob}={spec}: if the model is not "
+            f"that bad, the checker matches nothing ({_hint(spec)})")

@@ -70,7 +70,7 @@ class ModelConfig:
 class DataConfig:
     prompts: str = h("prompt source: task:<name> (built-in task, train split; task:a+b mixes tasks equally), a "
                      ".jsonl file, or a datasets dir "
-                     "saved with save_to_disk", default="task:embedded")
+                     "saved with save_to_disk (alias: data.jsonl, opdkit sft's name)", default="task:embedded")
     prompt_field: str = h("JSONL/dataset field with the prompt text", default="prompt")
     messages_field: str | None = h("field with chat messages (list of {role, content}) instead of prompt_field",
                                    default=None)
@@ -81,18 +81,30 @@ class DataConfig:
                                 "(built-in tasks: the task name)", default=None)
     privileged_field: str | None = h("field with privileged context for a self-teacher (OPSD), e.g. the reference "
                                      "solution (default: the answer field)", default=None)
-    checker: str = h("answer checker for user datasets: math_verify, marker:<TEXT>, py:<module>:<function> or "
-                     "py:<file.py>:<function> (imports and runs that code; docs/tasks.md)", default="marker:=>")
+    checker: str = h("answer checker for user datasets: math_verify, marker:<TEXT>, marker (= marker:=>, no shell "
+                     "character to quote), py:<module>:<function> or py:<file.py>:<function> (imports and runs that "
+                     "code; docs/tasks.md); checked on the reference completions before any compute",
+                     default="marker:=>")
     use_chat_template: bool | None = h("apply the tokenizer's chat template (default: when it has one)", default=None)
     max_prompt_tokens: int = h("prompts longer than this are reported and handled by on_too_long", default=256)
     on_too_long: str = h("skip or truncate (left) over-long prompts", default="skip")
-    eval_prompts: int = h("held-out prompts used by the in-training evaluation (built-in tasks: the held-out split)",
+    eval_prompts: int = h("held-out prompts used by the in-training evaluation (built-in tasks: the held-out split; "
+                          "datasets: the held-out split of data.prompts, or the first rows of data.eval_jsonl)",
                           default=500)
+    eval_jsonl: str | None = h("datasets: a separate held-out JSONL / save_to_disk dir (prompt + answer fields) for "
+                               "the in-training evaluation, as `opdkit sft data.eval_jsonl` and `opdkit eval data` "
+                               "use; then every row of data.prompts trains (no hash split)", default=None)
 
     def __post_init__(self) -> None:
         _choice("data", "on_too_long", self.on_too_long, ("skip", "truncate"))
         _pos_int("data", "max_prompt_tokens", self.max_prompt_tokens)
         _pos_int("data", "eval_prompts", self.eval_prompts, allow_zero=True)
+        if self.eval_jsonl is not None:
+            if self.prompts.startswith("task:"):
+                raise ValueError(f"data.eval_jsonl is for datasets: data.prompts={self.prompts} is a built-in task, "
+                                 "evaluated on its own held-out split")
+            if not self.eval_jsonl:
+                raise ValueError("data.eval_jsonl is empty: give a JSONL file or null")
 
 
 @dataclass
@@ -313,6 +325,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     diagnostics: DetectorConfig = field(default_factory=DetectorConfig)
     steps: int = h("optimizer steps", default=1050)
+    max_seconds: float = h("also stop once training (not eval) has taken this many seconds (0 = no limit): the "
+                           "step that crosses it is the last, with the final eval, a checkpoint (resume=true "
+                           "continues) and final/; the lr schedule still spans `steps`", default=0.0)
     seed: int = h("seed: every step's randomness derives from (seed, step), so a resumed run continues exactly",
                   default=0)
     threads: int = h("torch CPU threads (2-thread runs next to another busy process were 30-60x slower here)",
@@ -330,6 +345,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self._resolve_teacher_shorthands()
         _pos_int("train", "steps", self.steps)
+        _range("train", "max_seconds", self.max_seconds, 0.0, math.inf, hi_open=True)
         _pos_int("train", "threads", self.threads)
         _pos_int("train", "save_every", self.save_every, allow_zero=True)
         _pos_int("train", "keep_last", self.keep_last)
@@ -361,3 +377,7 @@ class TrainConfig:
             if t.dtype not in ("auto", m.teacher_dtype):
                 raise ValueError(f"model.teacher_dtype={m.teacher_dtype} conflicts with teacher.dtype={t.dtype}")
             t.dtype, m.teacher_dtype = m.teacher_dtype, None
+
+
+# the data path has one name per command (train: data.prompts, sft: data.jsonl, eval: data): each accepts the others'
+TrainConfig.KEY_ALIASES = {"data.jsonl": "data.prompts"}

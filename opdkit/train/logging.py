@@ -53,6 +53,8 @@ class Progress:
     """Progress of a run of `total_steps`: a rich bar (ETA + key metrics) on a terminal, else one plain line every
     `every` steps (default: about 20 lines per run) and at the last step. `keys`: metrics to show (default: those
     of DEFAULT_KEYS present, else the first 4 scalars). `update(step, metrics)` takes the number of completed steps.
+    `exclude(seconds)`: time spent on something other than steps (the held-out evaluations), left out of the s/step
+    rate and the ETA (still counted in `elapsed`).
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class Progress:
         self.start_step = int(start_step)
         self.description = description
         self._t0 = time.monotonic()
+        self._excluded = 0.0
         self._rich = None
         self._task = None
         try:
@@ -95,17 +98,32 @@ class Progress:
         if self.interactive and self._rich is None:
             from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
+                                       TimeElapsedColumn)
 
             self._rich = RichProgress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"),
+                TextColumn("eta {task.fields[eta]}"), TextColumn("{task.fields[metrics]}"),
                 console=Console(file=self.stream), transient=False,
             )
             self._rich.start()
-            self._task = self._rich.add_task(self.description, total=self.total, completed=self.start_step, metrics="")
+            self._task = self._rich.add_task(self.description, total=self.total, completed=self.start_step, metrics="",
+                                             eta="?")
         self._t0 = time.monotonic()
+        self._excluded = 0.0
         return self
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (e.g. an evaluation) out of the s/step rate and the ETA."""
+        if math.isfinite(seconds) and seconds > 0:
+            self._excluded += float(seconds)
+
+    def _rate(self, step: int) -> tuple[float, float, float]:
+        """(elapsed wall seconds, seconds per step without the excluded time, ETA seconds)."""
+        elapsed = time.monotonic() - self._t0
+        done = step - self.start_step
+        per = max(elapsed - self._excluded, 0.0) / done if done > 0 else math.nan
+        eta = per * (self.total - step) if done > 0 else math.nan
+        return elapsed, per, eta
 
     def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
         if not self.enabled:
@@ -114,14 +132,11 @@ class Progress:
         if self.interactive:
             if self._rich is None:
                 self.start()
-            self._rich.update(self._task, completed=step, metrics=text)
+            self._rich.update(self._task, completed=step, metrics=text, eta=_fmt_time(self._rate(step)[2]))
             return
         if step % self.every and step != self.total and step != self.start_step + 1:
             return
-        elapsed = time.monotonic() - self._t0
-        done = step - self.start_step
-        per = elapsed / done if done > 0 else math.nan
-        eta = per * (self.total - step) if done > 0 else math.nan
+        elapsed, per, eta = self._rate(step)
         pct = 100.0 * step / self.total if self.total else 100.0
         parts = [f"{self.description} step {step}/{self.total} ({pct:.0f}%)"]
         if text:
@@ -188,11 +203,23 @@ def is_run_dir(run_dir: str | os.PathLike) -> bool:
     return (p / RUN_MARKER).is_file() or read_run_hash(p) is not None
 
 
+def config_command(config: Any) -> str | None:
+    """The `opdkit` command of a config object (`train` for TrainConfig, `sft` for SFTConfig, ...): the first word
+    after `opdkit ` in its class docstring ("opdkit train: ..."), None when there is none."""
+    import re
+
+    m = re.match(r"\s*opdkit (\w+):", type(config).__doc__ or "")
+    return m.group(1) if m else None
+
+
 def write_run_config(run_dir: str | os.PathLike, config: Any, config_hash: str) -> Path:
-    """Write the resolved config to `run_dir/config.yaml` with its hash in the header (read by prepare_run_dir)."""
-    header = (f"{_HASH_TAG} {config_hash}\nresolved config written by opdkit; rerun it with "
-              f"`opdkit <command> {Path(run_dir) / CONFIG_FILE}`")
-    return dump_config(config, Path(run_dir) / CONFIG_FILE, header=header)
+    """Write the resolved config to `run_dir/config.yaml` with its hash in the header (read by prepare_run_dir).
+    The header says how to rerun it in the form the CLI accepts: the file as the first argument (no --config)."""
+    path = Path(run_dir) / CONFIG_FILE
+    cmd = f"opdkit {config_command(config) or '<command>'} {path}"
+    header = (f"{_HASH_TAG} {config_hash}\nresolved config written by opdkit; continue this run with `{cmd} "
+              f"resume=true`, or start a new one from it with `{cmd} run_dir=<new dir>`")
+    return dump_config(config, path, header=header)
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:

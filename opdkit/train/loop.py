@@ -57,7 +57,7 @@ from opdkit.train.signals import GracefulStop
 
 # Knobs that may change between a run and its resumption without making it a different run.
 RESUMABLE_KNOBS = ("resume", "overwrite", "steps", "progress", "threads", "save_every", "keep_last", "eval_every",
-                   "run_dir", "optim.max_skipped_steps")
+                   "run_dir", "optim.max_skipped_steps", "max_seconds")
 
 
 @dataclass
@@ -203,8 +203,10 @@ def evaluate_greedy(m: Models, source: setup.PromptSource, cfg: TrainConfig, bat
             rows.append((mine[j], source.score(t, r), n, source.route_key(r)))
     rows = sorted(x for part in dist.gather(rows) for x in part)
     correct = [c for _, c, _, _ in rows]
+    fin = batch.finished_B.tolist()[:len(report["kept_indices"])] if mine else []
+    cut = dist.sum(float(sum(1 for f in fin if not f)))  # responses cut at rollout.max_new_tokens
     out = {"eval/accuracy": sum(correct) / len(correct),
-           "eval/response_length": sum(n for _, _, n, _ in rows) / len(rows)}
+           "eval/response_length": sum(n for _, _, n, _ in rows) / len(rows), "eval/truncated": cut / len(rows)}
     keys = [k for _, _, _, k in rows]
     if len({k for k in keys if k is not None}) > 1:  # a mixture (task:a+b, routed data): accuracy per key too
         for key in sorted({k for k in keys if k is not None}):
@@ -299,7 +301,7 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
     on_main(dist, make_run_dir)
     # -- end of the run-dir block
     # A resumed run continues its counters (teacher compute is compared at equal budgets by `opdkit compare`).
-    teacher_tokens = int(extra.get("teacher_tokens", 0))
+    teacher_tokens, train_seconds = int(extra.get("teacher_tokens", 0)), float(extra.get("train_seconds", 0.0))
     skipped_streak, skipped_total = int(extra.get("skipped_streak", 0)), int(extra.get("skipped_total", 0))
     # metrics.jsonl keeps the records up to the checkpoint's step (a fresh start keeps none): every step once.
     # rank 0 writes metrics, prints and detects; the other ranks only compute
@@ -317,7 +319,8 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
             def sidecar(d: Path) -> None:
                 student.config.save_pretrained(d)
                 tok.save_pretrained(d)
-        extra = {"teacher_tokens": teacher_tokens, "skipped_total": skipped_total, "skipped_streak": skipped_streak}
+        extra = {"teacher_tokens": teacher_tokens, "skipped_total": skipped_total, "skipped_streak": skipped_streak,
+                 "train_seconds": train_seconds}
         if dist.distributed:  # sharded (torch.distributed.checkpoint): every rank writes its shards
             return save_sharded_checkpoint(run_dir, done, student, opt, sched, dist, extra=extra,
                                            keep_last=cfg.keep_last, sidecar=sidecar)
@@ -365,6 +368,11 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
                 done = step + 1
                 batches.after_update(student, done)  # the engine samples with the new weights (weight_sync_steps)
                 t4 = time.perf_counter()
+                train_seconds += t4 - t0
+                # max_seconds (training time, not eval): this step is the last one, with the final eval and checkpoint
+                out_of_time = bool(cfg.max_seconds) and done < cfg.steps and bool(
+                    dist.max(float(train_seconds >= cfg.max_seconds)))
+                last = done == cfg.steps or out_of_time
                 if metrics["skipped"]:
                     skipped_streak, skipped_total = skipped_streak + 1, skipped_total + 1
                     say(f"opdkit: step {done}: non-finite loss {metrics['skipped_loss']:.4g} / gradient norm "
@@ -382,7 +390,7 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
                     "response_length/max": int(lengths_all.max()) if lengths_all.numel() else 0,
                     "finished_frac": finished_all.double().mean().item() if finished_all.numel() else 0.0,
                     "prompts_too_long": plan.report["n_too_long"], "prompts_unk_tokens": plan.report["n_unk_tokens"],
-                    "teacher_tokens": teacher_tokens,
+                    "teacher_tokens": teacher_tokens, "train_seconds": train_seconds,
                     "skipped_total": skipped_total, **teacher.stats(), **batches.stats(), **stale_metrics,
                     **rollout_timing, "lr": sched.get_last_lr()[0], "time/generate": t1 - t0, "time/score": t2 - t1,
                     "time/update": t3 - t2, "time/weight_sync": t4 - t3,
@@ -391,9 +399,11 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
                     "tokens_per_s/update": n_gen * cfg.optim.ppo_epochs / max(t3 - t2, 1e-9),
                 })
                 # The held-out eval of this step goes into this step's record (the last step's is the final eval).
-                if done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
+                if last or (cfg.eval_every and done % cfg.eval_every == 0):
+                    t_eval = time.perf_counter()
                     metrics.update(evaluate_greedy(m, source, cfg, batches))
-                    if done == cfg.steps:
+                    progress.exclude(time.perf_counter() - t_eval)  # the ETA counts steps, not evals
+                    if last:
                         summary["final"] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
                 metrics["time/step"] = time.perf_counter() - t0
                 found = detector.update(done, metrics) if dist.is_main else []
@@ -406,7 +416,7 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
                 diverged = skipped_streak >= cfg.optim.max_skipped_steps
                 if dist.distributed and dist.max(float(stop.requested is not None)) and stop.requested is None:
                     stop.requested = signal.SIGTERM  # torchrun signals every rank, not at the same step: agree
-                if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or diverged or stop.requested:
+                if (cfg.save_every and done % cfg.save_every == 0) or last or diverged or stop.requested:
                     ckpt = checkpoint(done)
                 if diverged:
                     raise RunFailed(
@@ -414,9 +424,15 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
                         f"{metrics['skipped_loss']:.4g}, gradient norm {metrics['skipped_grad_norm']:.4g}); stopped "
                         f"at step {done} with a checkpoint of the last finite weights ({ckpt}); fix: lower "
                         "optim.lr, set optim.grad_clip > 0 or change the objective's extreme knobs, then resume=true")
-                if stop.requested and done < cfg.steps:
+                if stop.requested and not last:
                     raise stop.interrupted(f"opdkit: stopped after step {done}; checkpoint {ckpt}; continue with "
-                                           "the same command plus resume=true")
+                                           f"the same command plus resume=true (plots now: opdkit plot {run_dir})")
+                if out_of_time:
+                    summary["stopped"] = f"max_seconds={cfg.max_seconds:g} reached after step {done}"
+                    say(f"opdkit: max_seconds={cfg.max_seconds:g} reached ({train_seconds:.0f} s of training): "
+                        f"stopped after step {done} of {cfg.steps} with the final eval and checkpoint {ckpt}; "
+                        "continue with the same command plus resume=true (and a larger max_seconds)")
+                    break
         if "final" not in summary:  # a rerun of a finished run: evaluate for the summary, log nothing new
             summary["final"] = evaluate_greedy(m, source, cfg, batches)
     finally:

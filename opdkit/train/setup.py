@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -236,6 +236,7 @@ class PromptSource:
     description: str
     route_key: Callable[[PromptRecord], str | None] = lambda r: None  # which teacher of teacher.routes (if any)
     train_records: list[PromptRecord] | None = None  # a dataset's rows (None: generated on the fly by a task)
+    notes: list[str] = field(default_factory=list)  # set-up notices (a checker that scores no reference), printed
 
 
 def _record(ex, privileged_field: str | None = None, completion_field: str | None = None) -> PromptRecord:
@@ -267,6 +268,31 @@ def _load_split(spec: str, split: str, dcfg, kw: dict) -> list:
                             f"puts about 1 row in 10 in the held-out split, by a hash of the prompt): add rows"
                             f"{knob}") from None
         raise UserError(one_line(e)) from None  # already names the file, line and fix
+
+
+def _load_all(spec: str, dcfg, kw: dict) -> list:
+    """Every row of data.prompts (with data.eval_jsonl); a saved DatasetDict: its 'train' split."""
+    from opdkit.tasks import DatasetError, load_examples
+
+    try:
+        return load_examples(spec, **kw)
+    except DatasetError as e:
+        if e.reason == "no_split":
+            return _load_split(spec, "train", dcfg, kw)
+        raise UserError(one_line(e)) from None
+
+
+def _load_eval_file(dcfg, kw: dict) -> list:
+    """Every row of data.eval_jsonl (prompt and answer fields; a reference completion is not needed)."""
+    from opdkit.tasks import DatasetError, load_examples
+
+    try:
+        return load_examples(dcfg.eval_jsonl, **{**kw, "completion_field": None})
+    except DatasetError as e:
+        if e.reason == "no_split":
+            raise UserError(f"data.eval_jsonl={dcfg.eval_jsonl}: a DatasetDict with splits {', '.join(e.splits or [])}"
+                            "; save the held-out split alone") from None
+        raise UserError(f"data.eval_jsonl: {one_line(e)}") from None
 
 
 def prompt_source(dcfg, seed: int) -> PromptSource:
@@ -301,8 +327,12 @@ def prompt_source(dcfg, seed: int) -> PromptSource:
 
     kw = dict(prompt_field=dcfg.prompt_field, answer_field=dcfg.answer_field, completion_field=dcfg.completion_field,
               messages_field=dcfg.messages_field)
-    train = _load_split(spec, "train", dcfg, kw)
-    held = _load_split(spec, "heldout", dcfg, kw) if dcfg.eval_prompts else []
+    if dcfg.eval_jsonl is not None:  # a separate test file: all of data.prompts trains, the file is the held-out set
+        train = _load_all(spec, dcfg, kw)
+        held = _load_eval_file(dcfg, kw) if dcfg.eval_prompts else []
+    else:
+        train = _load_split(spec, "train", dcfg, kw)
+        held = _load_split(spec, "heldout", dcfg, kw) if dcfg.eval_prompts else []
     try:
         checker = get_checker(dcfg.checker)
     except ValueError as e:
@@ -322,8 +352,13 @@ def prompt_source(dcfg, seed: int) -> PromptSource:
         if dcfg.route_field else (lambda r: None)
     if dcfg.route_field and all(route(r) is None for r in train_records):
         raise UserError(f"data.route_field={dcfg.route_field!r} is in no row of {spec}; name a field of its rows")
+    from opdkit.tasks.checkers import reference_check
+
+    # a checker that gives no reference completion credit scores 0 on a perfect model too: said before any compute
+    note = reference_check(checker, [(r.meta.get("completion"), r.answer) for r in train_records], dcfg.checker,
+                           knob="data.checker")
     return PromptSource(draw, eval_records, score, f"{spec} ({len(train_records)} train prompts)", route_key=route,
-                        train_records=train_records)
+                        train_records=train_records, notes=[note] if note else [])
 
 
 # --------------------------------------------------------------------------------------------- checks before the run
@@ -366,11 +401,23 @@ def unknown_chars(texts, tok, limit: int = 8) -> list[str]:
     return out
 
 
+def longest_completion(records, tok) -> tuple[int, int] | None:
+    """(tokens of the longest reference completion + 1 for EOS, completions checked) over `records` (their
+    meta["completion"]: a dataset's completion field, a built-in task's worked solution); None without any."""
+    texts = [r.meta.get("completion") for r in records]
+    texts = [t for t in texts if isinstance(t, str) and t]
+    if not texts:
+        return None
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    return max(len(x) for x in ids) + 1, len(texts)
+
+
 def check_prompts(cfg, source: PromptSource, tok, seed: int) -> list[str]:
     """Encode the held-out prompts and the train prompts (a dataset's, up to PROMPT_CHECK_ROWS; a task's: a draw)
     before anything is written. Every train prompt over data.max_prompt_tokens with on_too_long=skip -> UserError
-    (the run could not take a step). Returns notice lines: prompts over the limit, characters the tokenizer turns
-    into <unk> (counted per step in the metrics as prompts_unk_tokens)."""
+    (the run could not take a step). Returns notice lines: the source's own (a checker that scores no reference
+    completion), reference completions longer than rollout.max_new_tokens, prompts over the limit, characters the
+    tokenizer turns into <unk> (counted per step in the metrics as prompts_unk_tokens)."""
     from opdkit.data.prompts import prompt_to_ids, unk_id
 
     d = cfg.data
@@ -392,7 +439,15 @@ def check_prompts(cfg, source: PromptSource, tok, seed: int) -> list[str]:
         unk_tokens += n
         unk_prompts += n > 0
     train_lens = lens[:len(rows)]
-    notes = []
+    notes = list(source.notes)
+    # a dataset's reference completions (built-in tasks: the trainer's limit is the caller's choice, e.g. in tests)
+    longest = longest_completion(list(rows) + list(source.eval_records), tok) if source.train_records is not None \
+        else None
+    if longest is not None and longest[0] > cfg.rollout.max_new_tokens:
+        notes.append(f"opdkit: note: the data's longest reference completion is {longest[0]} tokens with EOS "
+                     f"(of {longest[1]} checked) but rollout.max_new_tokens={cfg.rollout.max_new_tokens}: longer "
+                     "rollouts and held-out answers are cut there (per step: finished_frac, eval/truncated); fix: "
+                     f"rollout.max_new_tokens={longest[0]}")
     over = sum(1 for n in train_lens if n > d.max_prompt_tokens)
     if over == len(train_lens) and d.on_too_long == "skip":
         raise UserError(f"data.prompts={d.prompts}: every prompt is longer than data.max_prompt_tokens="

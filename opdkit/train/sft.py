@@ -79,7 +79,8 @@ class SFTDataConfig:
     task: str | None = h("built-in task (addition, arith_chain, or embedded = the embedded setting's task); "
                          "default: addition unless jsonl is given", default=None)
     task_args: dict = h("task options, e.g. {digits: 4}", default_factory=dict)
-    jsonl: str | None = h("a JSONL file / save_to_disk dir with prompt and completion fields", default=None)
+    jsonl: str | None = h("a JSONL file / save_to_disk dir with prompt and completion fields (alias: data.prompts, "
+                          "opdkit train's name)", default=None)
     prompt_field: str = h("dataset field with the prompt", default="prompt")
     completion_field: str = h("dataset field with the target completion", default="completion")
     answer_field: str | None = h("dataset field with the answer (only for eval_jsonl)", default="answer")
@@ -98,8 +99,8 @@ class SFTDataConfig:
     eval_prompts: int = h("held-out problems for the periodic greedy eval (tasks: held-out split; datasets: "
                           "eval_jsonl)", default=200)
     eval_jsonl: str | None = h("datasets: held-out JSONL for the eval (prompt + answer fields)", default=None)
-    checker: str = h("datasets: answer checker for eval_jsonl (marker:<TEXT>, math_verify, py:<module>:<fn> or "
-                     "py:<file.py>:<fn>: imports and runs that code)", default="marker:=>")
+    checker: str = h("datasets: answer checker for eval_jsonl (marker:<TEXT>, marker = marker:=>, math_verify, "
+                     "py:<module>:<fn> or py:<file.py>:<fn>: imports and runs that code)", default="marker:=>")
 
     def __post_init__(self) -> None:
         _range("data", "perturbed_fraction", self.perturbed_fraction, 0.0, 1.0)
@@ -111,6 +112,9 @@ class SFTDataConfig:
             _pos_int("data", "max_new_tokens", self.max_new_tokens)
         if self.recovery not in ("resume", "redo"):
             raise ValueError(f"data.recovery={self.recovery!r} is not one of resume, redo")
+        if self.jsonl is not None and self.jsonl.startswith("task:"):  # opdkit train's data.prompts=task:<name>
+            raise ValueError(f"data.jsonl={self.jsonl} names a built-in task: opdkit sft takes "
+                             f"data.task={self.jsonl[len('task:'):]}")
         if self.task is not None and self.jsonl is not None:
             raise ValueError("data.task and data.jsonl exclude each other: train on a task or on a dataset")
         if self.perturbed_fraction > 0 and (self.jsonl is not None or self.samples_from is not None):
@@ -187,6 +191,8 @@ class SFTConfig:
             raise ValueError("sft.resume=true and overwrite=true exclude each other: pick one")
 
 
+SFTConfig.KEY_ALIASES = {"data.prompts": "data.jsonl"}  # train's name of the data path (eval's is `data`)
+
 HASH_EXCLUDE = ("resume", "overwrite", "steps", "max_seconds", "max_teacher_tokens", "threads", "progress", "save_every",
                 "keep_last", "eval_every", "run_dir", "optim.max_skipped_steps")
 
@@ -205,6 +211,9 @@ class _Setup:
     scorer: object
     teacher: torch.nn.Module | None
     max_new_tokens: int
+    notes: list = field(default_factory=list)  # set-up notices, printed at the start
+    checker_name: str | None = None
+    checker_verified: bool = False  # the checker credits some reference completion: an all-zero eval is the model's
 
 
 def _user(msg: str, exc: BaseException | None = None) -> UserError:
@@ -246,7 +255,7 @@ def _setup(cfg: SFTConfig) -> _Setup:
     from opdkit.tasks import build_char_tokenizer
 
     d = cfg.data
-    task, max_new, train_examples, eval_examples, scorer = None, 256, None, [], None
+    task, max_new, train_examples, eval_examples, scorer, notes, verified = None, 256, None, [], None, [], False
     if d.jsonl is not None:
         train_examples = _load_dataset(d.jsonl, d, completion=d.samples_from is None, answer=False)
         if d.eval_jsonl is not None:
@@ -257,6 +266,12 @@ def _setup(cfg: SFTConfig) -> _Setup:
                 scorer = get_checker(d.checker)
             except ValueError as exc:
                 raise UserError(f"data.checker: {one_line(exc)}") from None
+            from opdkit.tasks.checkers import credits_references, reference_check
+
+            pairs = [((ex.meta or {}).get("completion"), ex.answer) for ex in eval_examples]
+            note = reference_check(scorer, pairs, d.checker, knob="data.checker")
+            notes += [note] if note else []
+            verified = credits_references(scorer, pairs)
     else:
         task, max_new = resolve_task(d.task or "addition", d.task_args)
         eval_examples = task_examples(task, "heldout", d.eval_prompts, seed=0) if d.eval_prompts else []
@@ -306,7 +321,8 @@ def _setup(cfg: SFTConfig) -> _Setup:
         raise UserError(f"model.max_position_embeddings={n_pos} is too short for prompts + {max_new} new tokens; "
                         f"raise it to >= {64 + max_new}")
     model.train()
-    return _Setup(model, tok, is_char, task, train_examples, eval_examples, scorer, teacher, max_new)
+    return _Setup(model, tok, is_char, task, train_examples, eval_examples, scorer, teacher, max_new, notes,
+                  f"data.checker={d.checker}" if task is None else None, verified)
 
 
 # ----------------------------------------------------------------------------------------------------------- training
@@ -343,14 +359,19 @@ def _train_step(model, seqs, pad_id: int, micro: int) -> tuple[float, int]:
     return total, n_tok
 
 
-def _eval(setup: _Setup, cfg: SFTConfig) -> dict:
+def _eval(setup: _Setup, cfg: SFTConfig, warn: bool = False) -> dict:
     from opdkit.eval.run import evaluate
 
     if not setup.eval_examples:
         return {}
     res = evaluate(setup.model, setup.tokenizer, setup.eval_examples, setup.scorer, k=1, temperature=0.0,
-                   max_new_tokens=setup.max_new_tokens, batch_size=100, seed=0, keep_records=False)
+                   max_new_tokens=setup.max_new_tokens, batch_size=100, seed=0, keep_records=False,
+                   checker_name=setup.checker_name)
     setup.model.train()
+    for line in res.get("warnings", []) if warn and not setup.checker_verified else []:  # the trained model scored 0 on everything: said once
+        if line not in setup.notes:
+            setup.notes.append(line)
+            print(line, file=sys.stderr, flush=True)
     return {"eval/accuracy": res["accuracy"], "eval/mean_response_tokens": res["mean_response_tokens"],
             "eval/truncated": res["truncated"]}
 
@@ -411,6 +432,8 @@ def run_sft(cfg: SFTConfig) -> dict:
                         keys=("loss", "eval/accuracy", "teacher_tokens", "lr"))
     progress.start()
     progress.print(f"sft: {n_params:,} params, steps {start}->{cfg.steps}, run_dir {run_dir}")
+    for line in setup.notes:
+        say(line)
 
     def checkpoint(step: int) -> Path:
         return save_checkpoint(run_dir, step, model.state_dict(), opt, sched, keep_last=cfg.keep_last,
@@ -418,8 +441,10 @@ def run_sft(cfg: SFTConfig) -> dict:
                                extra={"teacher_tokens": teacher_tokens, "train_seconds": train_seconds,
                                       "skipped_streak": skipped_streak, "skipped_total": skipped_total})
 
-    def with_eval(step: int, rec: dict) -> dict:
-        ev = _eval(setup, cfg)
+    def with_eval(step: int, rec: dict, final: bool = False) -> dict:
+        t_eval = time.monotonic()
+        ev = _eval(setup, cfg, warn=final)
+        progress.exclude(time.monotonic() - t_eval)  # the ETA counts training steps, not evals
         if ev:
             rec = {**rec, **ev, "teacher_tokens": teacher_tokens, "train_seconds": train_seconds}
             history.append({"step": step, **rec})
@@ -472,7 +497,7 @@ def run_sft(cfg: SFTConfig) -> dict:
                     rec["teacher_finished"] = info["teacher_finished"]
                 last = step >= cfg.steps or not budget_left()
                 if last or (cfg.eval_every and step % cfg.eval_every == 0):
-                    rec = with_eval(step, rec)
+                    rec = with_eval(step, rec, final=last)
                     if last:
                         final_eval = {k: v for k, v in rec.items() if k.startswith("eval/")}
                 logger.log(step, rec)
@@ -485,21 +510,34 @@ def run_sft(cfg: SFTConfig) -> dict:
                                     f"norm; stopped at step {step} with a checkpoint of the last finite weights "
                                     f"({ckpt}); fix: lower optim.lr or set optim.grad_clip > 0, then resume=true")
                 if stop.requested and not last:
+                    logger.close()
+                    _plots(run_dir, say)
                     raise stop.interrupted(f"opdkit: sft stopped after step {step}; checkpoint {ckpt}; continue "
                                            "with the same command plus resume=true")
             if step == start and (ck is None or not (run_dir / "final").is_dir()):
                 # nothing trained in this invocation (a budget already spent, or steps reached): checkpoint once
                 checkpoint(step)
-                rec = with_eval(step, {})
+                rec = with_eval(step, {}, final=True)
                 final_eval = {k: v for k, v in rec.items() if k.startswith("eval/")}
             if step > start or not (run_dir / "final").is_dir():
                 save_model_dir(model, tok, run_dir / "final")
     finally:
         progress.close()
         logger.close()
+    plots = _plots(run_dir, say)
     return {"run_dir": str(run_dir), "final_dir": str(run_dir / "final"), "steps": step, "loss": last_loss,
             "teacher_tokens": teacher_tokens, "train_seconds": train_seconds, "params": n_params,
-            "eval": final_eval, "history": history, "skipped_steps": skipped_total}
+            "eval": final_eval, "history": history, "skipped_steps": skipped_total, "plots": plots}
+
+
+def _plots(run_dir: Path, say) -> list[str]:
+    """run_dir/plots/*.png from metrics.jsonl (as `opdkit train` draws them; `opdkit plot <run_dir>` redraws)."""
+    from opdkit.report.plots import plot_run
+
+    paths = [str(p) for p in plot_run(run_dir)]
+    if paths:
+        say(f"sft: {len(paths)} plots in {run_dir / 'plots'}")
+    return paths
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI

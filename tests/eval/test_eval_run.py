@@ -104,3 +104,38 @@ def test_cli_bad_input(tiny, tmp_path, capsys, args, message):
 def test_resolve_model_spec_passthrough():
     assert resolve_model_spec("some/dir") == "some/dir"
     assert EvalConfig().model == "embedded:student"
+
+
+def test_checker_that_matches_nothing_is_a_warning_not_a_silent_zero(tiny, tmp_path, capsys):
+    """Issue #15: `checker=marker:=> k=4` unquoted left `marker:=` (bash redirected the rest), and a 91% teacher
+    scored 0.0% without a word. Now: a checker that scores no reference completion is named before the model runs,
+    and an eval in which every response scores 0 ends with a warning line; `checker=marker` needs no quoting."""
+    from opdkit.eval.run import main
+
+    _, _, task, final, _ = tiny
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": ex.prompt, "completion": ex.completion, "answer": ex.answer}) + "\n"
+                            for ex in task.sample("heldout", 6, seed=0)))
+    capsys.readouterr()
+    assert main([f"model={final}", f"data={data}", "checker=marker:=", "max_new_tokens=4", "show=0",
+                 "progress=false", f"out={tmp_path / 'e.json'}"]) == 0
+    err = capsys.readouterr().err
+    assert "checker=marker:= scores 0 on every one of the 6 reference completions" in err
+    assert "every one of the 6 responses scored 0 with checker=marker:=" in err
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert len(res["warnings"]) == 2 and res["avg@k"] == 0.0
+    assert main([f"model={final}", f"data={data}", "checker=marker", "max_new_tokens=4", "show=0",
+                 "progress=false", f"out={tmp_path / 'ok.json'}"]) == 0
+    err = capsys.readouterr().err
+    assert "reference completions" not in err  # marker (= marker:=>) credits the references...
+    assert json.loads((tmp_path / "ok.json").read_text())["avg@k"] == 0.0  # ...so a 0% is the random model's,
+    assert "scored 0" not in err  # not a checker problem: no warning
+    bare = tmp_path / "no_completions.jsonl"  # nothing to check the checker on: the all-zero eval is a warning
+    bare.write_text("".join(json.dumps({"prompt": ex.prompt, "answer": ex.answer}) + "\n"
+                            for ex in task.sample("heldout", 6, seed=0)))
+    assert main([f"model={final}", f"data={bare}", "checker=marker", "max_new_tokens=4", "show=0",
+                 "progress=false"]) == 0
+    assert "every one of the 6 responses scored 0 with checker=marker" in capsys.readouterr().err
+    # a task (not a checker) scoring 0 is no checker problem: no warning
+    res = evaluate(*tiny[:2], task.sample("heldout", 3, seed=0), task, max_new_tokens=2, keep_records=False)
+    assert "warnings" not in res

@@ -102,8 +102,8 @@ def test_plot_run_writes_every_png(tmp_path):
     run = synthetic_run(tmp_path / "run")
     paths = plot_run(run)
     names = {p.name for p in paths}
-    assert names == {"accuracy.png", "reward.png", "grad_norm.png", "response_length.png", "reward_by_position.png",
-                     "reward_hist.png"}
+    assert names == {"accuracy.png", "loss.png", "reward.png", "grad_norm.png", "response_length.png",
+                     "reward_by_position.png", "reward_hist.png"}
     assert all(p.parent == run / "plots" and is_png(p) for p in paths)
 
 
@@ -188,3 +188,45 @@ def test_image_mime_by_suffix(tmp_path, suffix, mime):
     img.write_bytes(PNG + b"0" * 10 if suffix == ".png" else b"<svg xmlns='http://www.w3.org/2000/svg'/>")
     text = write_html(tmp_path / "r.html", "t", [], {"x": img}, []).read_text()
     assert f"data:{mime};base64," in text
+
+
+# ----------------------------------------------------------------------------------------------------------- issue 15
+
+
+def test_reward_hist_range_follows_the_data(tmp_path):
+    """A power-reward run (rewards in [-1, 1]) is drawn on about [-1, 1], not on the +-50 of the fixed edges."""
+    from opdkit.report.plots import _draw_hist, _figure, hist_range
+
+    power = np.array(reward_histogram(np.linspace(-0.9, 0.95, 200)), dtype=float)
+    lo, hi = hist_range([power])
+    assert HIST_EDGES[lo] == -1.0 and HIST_EDGES[hi] == 1.0
+    fig, ax = _figure()
+    _draw_hist(ax, [("power", power, "#000000")])
+    assert ax.get_xlim() == (-1.0, 1.0)
+    assert [t.get_text() for t in ax.get_xticklabels()][0] == "-1"
+    wide = np.array(reward_histogram([-80.0, 0.3, 2.0]), dtype=float)
+    fig, ax = _figure()
+    _draw_hist(ax, [("a", power, "#000000"), ("b", wide, "#ff0000")])
+    assert ax.get_xlim() == (-50.0, 3.0)
+    assert [t.get_text() for t in ax.get_xticklabels()][0] == "≤-50"
+    assert hist_range([np.zeros(len(HIST_EDGES) - 1)]) == (0, len(HIST_EDGES) - 1)
+    run = synthetic_run(tmp_path / "power", kind="power", steps=4, eval_every=0)
+    assert "reward_hist.png" in {p.name for p in plot_run(run)}
+
+
+def test_opdkit_plot_command_redraws_a_run(tmp_path, capsys):
+    """`opdkit plot <run_dir>` draws a run's plots (a killed one too: no final/ needed); bad input: one line, exit 2,
+    nothing written."""
+    from opdkit.cli import main
+
+    run = synthetic_run(tmp_path / "run", steps=6, eval_every=3)
+    assert main(["plot", str(run)]) == 0
+    assert {p.name for p in (run / "plots").iterdir()} >= {"accuracy.png", "loss.png", "reward_hist.png"}
+    assert main(["plot", str(run), f"out={tmp_path / 'elsewhere'}"]) == 0
+    assert is_png(tmp_path / "elsewhere" / "accuracy.png")
+    capsys.readouterr()
+    for argv in (["plot"], ["plot", str(tmp_path / "nothing")], ["plot", str(run), "bogus=1"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("opdkit: error:")
+    assert not (tmp_path / "nothing").exists()

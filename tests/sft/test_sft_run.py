@@ -125,3 +125,33 @@ def test_perturbed_span_is_masked():
     assert tok.decode(body) == pert.completion and seq.ids[-1] == tok.eos_token_id and seq.mask[-1] == 1
     masked = "".join(ch for ch, m in zip(pert.completion, mask) if not m)
     assert masked == pert.completion[pert.error_start:pert.error_end] and seq.mask[:2] == [0, 0]
+
+
+def test_sft_writes_plots_and_excludes_evals_from_the_eta(tmp_path, capsys):
+    """Issue #15: `opdkit sft` drew no plots (nor did a killed run: `opdkit plot <run_dir>` redraws them)."""
+    res = run_sft(cfg(tmp_path / "run", "steps=4", "eval_every=2"))
+    names = {Path(p).name for p in res["plots"]}
+    assert {"accuracy.png", "loss.png", "grad_norm.png"} <= names
+    assert all(Path(p).parent == tmp_path / "run" / "plots" for p in res["plots"])
+
+
+def test_sft_eval_jsonl_checker_scoring_no_reference_is_named(tmp_path, capsys):
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"Q: {i}+1\nA: ", "completion": f"=> {i + 1}\n", "answer": str(i + 1)})
+                         + "\n" for i in range(5)))
+    capsys.readouterr()
+    run_sft(load_config(SFTConfig, None, [*TINY[:5], "data.batch_size=4", "progress=false", "steps=2",
+                                          f"data.prompts={f}", f"data.eval_jsonl={f}", "data.checker=marker:=",
+                                          f"run_dir={tmp_path / 'r'}"]))
+    err = capsys.readouterr().err
+    assert "data.checker=marker:= scores 0 on every one of the 5 reference completions" in err
+    assert "every one of the 5 responses scored 0 with data.checker=marker:=" in err
+
+
+def test_train_spelling_of_the_data_path(tmp_path, capsys):
+    """data.prompts (opdkit train's name) is data.jsonl here; its task:<name> form names the sft knob to use."""
+    assert load_config(SFTConfig, None, ["data.prompts=x.jsonl"]).data.jsonl == "x.jsonl"
+    assert main(["data.prompts=task:addition", f"run_dir={tmp_path / 'never'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("opdkit: error:") and "data.task=addition" in err and "\n" not in err
+    assert not (tmp_path / "never").exists()

@@ -69,7 +69,7 @@ def test_a_spec_that_is_not_a_checker_imports_nothing(tmp_path, monkeypatch):
 
     (tmp_path / "trap.py").write_text(f"open({str(tmp_path / 'IMPORTED')!r}, 'w').write('x')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for spec in ("trap:fn", "regex:x", "exact", "marker", "math_verify:x"):
+    for spec in ("trap:fn", "regex:x", "exact", "markers", "math_verify:x"):
         with pytest.raises(ValueError, match=r"unknown checker .*math_verify, marker:<TEXT>.*py:<module>:<function>"):
             get_checker(spec)
     assert not (tmp_path / "IMPORTED").exists() and "trap" not in sys.modules
@@ -91,3 +91,31 @@ def test_a_spec_that_is_not_a_checker_imports_nothing(tmp_path, monkeypatch):
 def test_checker_spec_errors(spec, pattern):
     with pytest.raises(ValueError, match=pattern):
         get_checker(spec)
+
+
+def test_bare_marker_is_the_default_marker_without_shell_metacharacters():
+    """`marker` = `marker:=>` (issue #15: unquoted, bash read `checker=marker:=> k=4` as a redirect, leaving
+    `marker:=`, which scored a 91% teacher 0.0% without a word)."""
+    bare, arrow = get_checker("marker"), get_checker("marker:=>")
+    for text, ans in (("1234 => 1234\n", "1234"), ("12 => 13", "12"), ("no marker", "x")):
+        assert bare(text, ans) == arrow(text, ans)
+    assert bare("1234 => 1234\n", "1234") == 1.0
+    assert get_checker("marker:=")("1234 => 1234\n", "1234") == 0.0  # what the shell left of marker:=>
+
+
+def test_reference_check_and_all_zero_warning():
+    """A checker that gives no reference completion credit is named before any compute, with the shell hint."""
+    from opdkit.tasks.checkers import all_zero_warning, reference_check
+
+    pairs = [("1234 => 1234\n", "1234"), ("112 => 112\n", "112"), (None, "9")]
+    assert reference_check(get_checker("marker:=>"), pairs, "marker:=>") is None
+    note = reference_check(get_checker("marker:="), pairs, "marker:=", knob="data.checker")
+    assert note.startswith("opdkit: warning: data.checker=marker:= scores 0 on every one of the 2 reference")
+    assert "quote the argument" in note and "\n" not in note
+    assert reference_check(get_checker("marker:="), [(None, "1")], "marker:=") is None  # nothing to check
+    from opdkit.tasks.checkers import credits_references
+
+    assert credits_references(get_checker("marker"), pairs) and not credits_references(get_checker("marker:="), pairs)
+    assert not credits_references(get_checker("marker"), [(None, "1")])
+    line = all_zero_warning("checker=math_verify", 20)
+    assert "every one of the 20 responses scored 0" in line and "check the checker" in line

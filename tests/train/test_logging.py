@@ -138,3 +138,51 @@ def test_run_dir_rules(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="not a directory"):
         prepare_run_dir(tmp_path / "file", hsh)
+
+
+def test_progress_eta_leaves_out_excluded_time(monkeypatch) -> None:
+    """An evaluation before/between steps is not folded into s/step and the ETA (issue #15: `29.6 s/step | eta
+    5h34m` after an initial eval)."""
+    import opdkit.train.logging as lg
+
+    now = [100.0]
+    monkeypatch.setattr(lg.time, "monotonic", lambda: now[0])
+    buf = io.StringIO()
+    prog = Progress(101, every=1, stream=buf).start()
+    now[0] += 30.0  # the initial eval
+    prog.exclude(30.0)
+    now[0] += 0.5  # one step
+    prog.update(1, {})
+    line = buf.getvalue().splitlines()[-1]
+    assert "0.5 s/step" in line and "eta 50s" in line and "elapsed 30s" in line
+    prog.exclude(float("nan"))
+    prog.exclude(-5)
+    now[0] += 0.5
+    prog.update(2, {})
+    assert "0.5 s/step" in buf.getvalue().splitlines()[-1]
+
+
+def test_saved_config_header_names_a_command_the_cli_accepts(tmp_path: Path) -> None:
+    """config.yaml's header suggests `opdkit train <file> resume=true` (the file as first argument), which the CLI
+    parses, and not `--config`; `--config FILE` is accepted too."""
+    from opdkit.config import config_file_flag
+    from opdkit.presets import config_args
+    from opdkit.train.config import TrainConfig
+    from opdkit.train.logging import create_run_dir
+    from opdkit.train.sft import SFTConfig
+
+    for cls, cmd in ((TrainConfig, "train"), (SFTConfig, "sft")):
+        run = tmp_path / cmd
+        cfg = load_config(cls, None, [f"run_dir={run}"])
+        create_run_dir(run, "abc", config=cfg)
+        header = [l for l in (run / "config.yaml").read_text().splitlines() if l.startswith("#")]
+        text = " ".join(header)
+        assert f"`opdkit {cmd} {run / 'config.yaml'} resume=true`" in text and "--config" not in text
+        suggested = text.split("`")[1].split()[2:]  # the arguments after `opdkit <cmd>`
+        yaml_path, overrides = config_args(suggested)
+        again = load_config(cls, yaml_path, overrides)
+        assert again.resume and again.run_dir == str(run)
+    assert config_file_flag(["--config", "a.yaml", "x=1"]) == ["a.yaml", "x=1"]
+    assert config_file_flag(["--config=a.yaml"]) == ["a.yaml"]
+    with pytest.raises(UserError, match="--config needs a file"):
+        config_file_flag(["--config"])
