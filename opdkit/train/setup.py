@@ -152,8 +152,10 @@ def cross_tokenizer_teacher_model(cfg, student, tok, dist=None):
                                     gguf_cache_dir=cfg.model.gguf_cache_dir)
     try:
         check_compatible(tok, t_tok, student, teacher)
-        note = ("opdkit: note: teacher.cross_tokenizer=true with a teacher of the student's own tokenizer: every "
-                "chunk is one token on each side, the signal is the plain teacher's")
+        note = ("opdkit: note: teacher.cross_tokenizer=true with a teacher of the student's own tokenizer: the "
+                "alignment is the identity wherever the student's tokens are its tokenizer's encoding of their text "
+                "(always for a character tokenizer), and the signal then the plain teacher's; "
+                "teacher.cross_tokenizer=false scores the student's ids directly")
     except UserError as e:
         diff = str(e).removeprefix("teacher/student mismatch: ").split("; fix:")[0]
         note = (f"opdkit: note: teacher.cross_tokenizer=true: teacher and student tokenizers differ ({diff}); the "

@@ -353,3 +353,15 @@ def test_mismatch_refused_unless_cross_tokenizer_and_dense_estimators_refused(bp
                                                       "objective.estimator=sampled"]) == 2
     assert "teacher.cross_tokenizer=true works with one local teacher" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_config_validates_cross_tokenizer():
+    from opdkit.train.config import ServerConfig, TeacherConfig
+
+    assert TeacherConfig().cross_tokenizer is False
+    with pytest.raises(ValueError, match="not teacher.routes"):
+        TeacherConfig(cross_tokenizer=True, routes={"*": "embedded:teacher"})
+    with pytest.raises(ValueError, match="not teacher.backend=server"):
+        TeacherConfig(cross_tokenizer=True, backend="server", server=ServerConfig(url="http://127.0.0.1:1"))
+    with pytest.raises(ValueError, match="must be true or false"):
+        TeacherConfig(cross_tokenizer="yes")
