@@ -9,8 +9,9 @@ rule). For each row of the student's batch:
 
 1. the student's response tokens are decoded to text, each token getting the character offset where it ends
    (`token_ends`: the length of the decoded prefix through it; a token that ends inside a character, e.g. one byte
-   of a multi-byte UTF-8 character, has no end of its own and is glued to the next token). A final stop token (EOS)
-   has no text: it is mapped to the teacher's EOS, a chunk of its own;
+   of a multi-byte UTF-8 character, has no end of its own and is glued to the next token). Tokens with no text — a
+   final stop token (EOS), and <unk> / <pad> / <bos> sampled inside the response — are chunks of their own, mapped
+   to the teacher's token of the same role (the text between them is aligned segment by segment);
 2. the prompt (the row's record, rendered with the TEACHER's own prompt format: its BOS, its chat template) and the
    response text are tokenized separately by the teacher's tokenizer (so the response starts at a teacher token
    boundary), and the response's teacher token ends computed the same way;
@@ -32,8 +33,9 @@ token-to-token map onto the student's; ULD's sorted-probability distance for den
 `topk` / `full` are refused before training (`kinds`).
 
 Alignment failures are never a silent wrong signal: a row whose response text does not round-trip through the
-teacher's tokenizer (characters it does not know -> <unk>), whose response holds a student special token with no
-text meaning (<unk>, <pad>, <bos>), or whose teacher sequence exceeds the teacher's context is SKIPPED: it is left
+teacher's tokenizer (characters it does not know -> <unk>), whose response holds a student <unk> / <pad> / <bos>
+for which the teacher's tokenizer has no token of that role, or whose teacher sequence exceeds the teacher's
+context is SKIPPED: it is left
 out of the loss (`drop_unaligned`, called by the trainer right after scoring, sets its response mask to 0) and
 counted per step in `xtok/skipped_rows` (and `xtok/skipped/<reason>`), with a one-line notice the first time each
 reason occurs. Its log-probs are set to the student's own (a zero log-ratio), so even a consumer that ignored the
@@ -55,9 +57,11 @@ from opdkit.teacher.base import TeacherRequest
 REASONS = ("round_trip", "student_special", "teacher_context")
 _REASON_TEXT = {
     "round_trip": "its text does not round-trip through the teacher's tokenizer",
-    "student_special": "its response holds a student special token with no text meaning (<unk>/<pad>/<bos>)",
+    "student_special": "its response holds a student special token (<unk>/<pad>/<bos>) whose role the teacher's "
+                       "tokenizer has no token for",
     "teacher_context": "prompt + response in the teacher's tokens exceed the teacher's context",
 }
+_ROLES = ("unk_token_id", "pad_token_id", "bos_token_id")  # text-less special tokens, mapped by role
 _REPLACEMENT = "\ufffd"  # what decoders emit for an incomplete UTF-8 sequence
 
 
@@ -245,9 +249,9 @@ class CrossTokenizerTeacher:
         self.t_eos = int(teacher_tok.eos_token_id)
         self.t_pad = int(teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else self.t_eos)
         self.t_unk = getattr(teacher_tok, "unk_token_id", None)
-        # student tokens that stand for no text (a response holding one cannot be re-tokenized faithfully)
-        self.s_textless = {int(i) for i in (getattr(student_tok, n, None) for n in
-                                            ("unk_token_id", "pad_token_id", "bos_token_id")) if i is not None}
+        # student tokens that stand for no text: mapped to the teacher's token of the same role, not re-tokenized
+        self.s_roles = {int(i): r for r in _ROLES if (i := getattr(student_tok, r, None)) is not None}
+        self.t_roles = {r: int(i) for r in _ROLES if (i := getattr(teacher_tok, r, None)) is not None}
         self._notice = notice or (lambda line: print(line, file=sys.stderr, flush=True))
         self._told: set[str] = set()
         self._stats: dict[str, float] = {}
@@ -296,24 +300,55 @@ class CrossTokenizerTeacher:
         return ([bos] if bos is not None else []) + list(self.t_tok(text, add_special_tokens=False)["input_ids"])
 
     def plan_row(self, batch: RolloutBatch, b: int) -> RowPlan | str:
-        """The row's teacher ids and chunks, or the reason it cannot be aligned (one of REASONS)."""
+        """The row's teacher ids and chunks, or the reason it cannot be aligned (one of REASONS).
+
+        The response is cut at the student's text-less special tokens (<unk>, <pad>, <bos>): each text segment is
+        re-tokenized and aligned on its own, and each special token maps 1:1 to the teacher's token of the same
+        role (the teacher's log-prob of its own <pad> is the signal against a student that writes <pad>); a role
+        the teacher's tokenizer does not have fails the row."""
         n = int(batch.eos_mask_BT[b].sum())
         ids = [int(i) for i in batch.response_ids_BT[b, :n].tolist()]
         stop = bool(batch.finished_B[b]) and n > 0  # the last token is the stop token: mapped to the teacher's EOS
         body = ids[:-1] if stop else ids
-        if any(i in self.s_textless for i in body):
-            return "student_special"
-        text, s_ends = token_ends(self.s_tok, body)
-        t_ids = list(self.t_tok(text, add_special_tokens=False)["input_ids"]) if text else []
-        if (self.t_unk is not None and self.t_unk in t_ids) or decode(self.t_tok, t_ids) != text:
-            return "round_trip"
-        t_text, t_ends = token_ends(self.t_tok, t_ids)
-        chunks = align_chunks(s_ends, t_ends, len(text))
-        if chunks is None or t_text != text:
+        t_ids: list[int] = []
+        chunks: list[Chunk] = []
+        n_chars = 0
+
+        def add_text(start: int, seg: list[int]) -> bool:
+            nonlocal n_chars
+            if not seg:
+                return True
+            text, s_ends = token_ends(self.s_tok, seg)
+            seg_t = list(self.t_tok(text, add_special_tokens=False)["input_ids"]) if text else []
+            if (self.t_unk is not None and self.t_unk in seg_t) or decode(self.t_tok, seg_t) != text:
+                return False
+            seg_chunks = align_chunks(s_ends, token_ends(self.t_tok, seg_t)[1], len(text))
+            if seg_chunks is None:
+                return False
+            k = len(t_ids)
+            chunks.extend(Chunk(c.s0 + start, c.s1 + start, c.t0 + k, c.t1 + k, c.c0 + n_chars, c.c1 + n_chars)
+                          for c in seg_chunks)
+            t_ids.extend(seg_t)
+            n_chars += len(text)
+            return True
+
+        seg_start = 0
+        for i, tid in enumerate(body):
+            role = self.s_roles.get(tid)
+            if role is None:
+                continue
+            if self.t_roles.get(role) is None:
+                return "student_special"
+            if not add_text(seg_start, body[seg_start:i]):
+                return "round_trip"
+            chunks.append(Chunk(i, i + 1, len(t_ids), len(t_ids) + 1, n_chars, n_chars))
+            t_ids.append(self.t_roles[role])
+            seg_start = i + 1
+        if not add_text(seg_start, body[seg_start:]):
             return "round_trip"
         if stop:
-            chunks.append(Chunk(len(body), len(body) + 1, len(t_ids), len(t_ids) + 1, len(text), len(text)))
-            t_ids = t_ids + [self.t_eos]
+            chunks.append(Chunk(len(body), len(body) + 1, len(t_ids), len(t_ids) + 1, n_chars, n_chars))
+            t_ids.append(self.t_eos)
         prompt = self._teacher_prompt(batch, b)
         if self.max_len is not None and len(prompt) + len(t_ids) > self.max_len:
             return "teacher_context"

@@ -247,17 +247,32 @@ def test_wrapper_maps_back_skips_and_masks():
     assert drop_unaligned(batch2, other) == (batch2, other)
 
 
-def test_student_textless_special_token_and_teacher_context_are_skipped():
+def test_student_special_tokens_map_by_role_or_skip_and_teacher_context():
     char = build_char_tokenizer([Addition.alphabet])
-    unk = ids_of(char, "1+") + [char.unk_token_id] + [char.eos_token_id]
+    teacher_tok = bpe(Addition.alphabet, [("+", "1")])
+    pad = ids_of(char, "1+1") + [char.pad_token_id] + ids_of(char, "+1") + [char.eos_token_id]
     ok = ids_of(char, "1+1") + [char.eos_token_id]
-    batch = hand_batch(char, ["Q: 1+1\nA: "] * 2, [unk, ok], [True, True], [[-0.1] * 4] * 2)
-    xt = CrossTokenizerTeacher(FakeTeacher(), char, char, notice=lambda line: None)
-    assert xt.score(batch, SAMPLED).scored_B.tolist() == [False, True]
-    assert xt.stats()["xtok/skipped/student_special"] == 1
-    short = CrossTokenizerTeacher(FakeTeacher(), char, char, max_len=8, notice=lambda line: None)  # prompt is 11
-    assert short.score(batch, SAMPLED).scored_B.tolist() == [False, False]
-    assert short.stats()["xtok/skipped/teacher_context"] == 1  # the <unk> row fails first, on its own reason
+    batch = hand_batch(char, ["Q: 1+1\nA: "] * 2, [pad, ok], [True, True], [[-0.1] * 7, [-0.1] * 4])
+    inner = FakeTeacher()
+    xt = CrossTokenizerTeacher(inner, char, teacher_tok, notice=lambda line: None)
+    sig = xt.score(batch, SAMPLED)
+    assert sig.scored_B.tolist() == [True, True]
+    # the text on each side of the student's <pad> is re-tokenized on its own; <pad> -> the teacher's <pad>
+    seen = inner.seen.response_ids_BT[0, :int(inner.seen.eos_mask_BT[0].sum())].tolist()
+    assert teacher_tok.convert_ids_to_tokens(seen) == ["1", "+1", "<pad>", "+1", "<eos>"]
+    assert sig.logprobs_BT[0].tolist() == pytest.approx([-0.1, -0.1, -0.1, -0.3, -0.2, -0.2, -0.5])
+    # a teacher tokenizer without a <pad>: nothing to map the student's <pad> to -> the row is skipped
+    from transformers import PreTrainedTokenizerFast
+
+    no_pad = PreTrainedTokenizerFast(tokenizer_object=teacher_tok.backend_tokenizer, bos_token="<bos>",
+                                     eos_token="<eos>", unk_token="<unk>", clean_up_tokenization_spaces=False)
+    assert no_pad.pad_token_id is None
+    xt2 = CrossTokenizerTeacher(FakeTeacher(), char, no_pad, notice=lambda line: None)
+    assert xt2.score(batch, SAMPLED).scored_B.tolist() == [False, True]
+    assert xt2.stats()["xtok/skipped/student_special"] == 1
+    short = CrossTokenizerTeacher(FakeTeacher(), char, char, max_len=16, notice=lambda line: None)  # prompt: 11
+    assert short.score(batch, SAMPLED).scored_B.tolist() == [False, True]  # 11 + 7 > 16 >= 11 + 4
+    assert short.stats()["xtok/skipped/teacher_context"] == 1
 
 
 def test_dense_requests_are_refused():
