@@ -17,10 +17,14 @@ rule). For each row of the student's batch:
    boundary), and the response's teacher token ends computed the same way;
 3. the inner teacher (any local backend: `HFTeacher`, a cache around it) scores the response in its own ids;
 4. chunks: the character offsets where BOTH tokenizations have a token boundary cut the response into minimal
-   aligned chunks (one or more student tokens <-> one or more teacher tokens covering the same text). A chunk's
-   teacher log-prob is the sum of its teacher tokens' log-probs (log q of the chunk's text, the chain rule); its
-   student log-prob, the sum of its student tokens' log-probs under the sampling policy (pi_old, the rollout's
-   `model_logprobs_BT`);
+   aligned chunks (one or more student tokens <-> one or more teacher tokens covering the same text; GOLD's rule,
+   `chunks="minimal"`). By default (`chunks="safe"`) a cut is kept only where the teacher's token boundary is
+   forced whatever text follows (no text ending there is a proper prefix of a teacher token, `merge_unsafe`);
+   other cuts are joined, because there a minimal chunk's log-prob also carries the teacher's surprise at the NEXT
+   characters (its token '\n' alone says "not '\n0'"): the tokenization bias of Phan et al. 2024, which made
+   minimal chunks collapse the embedded demo (docs/cross_tokenizer.md). A chunk's teacher log-prob is the sum of
+   its teacher tokens' log-probs (log q of the chunk's text, the chain rule); its student log-prob, the sum of its
+   student tokens' log-probs under the sampling policy (pi_old, the rollout's `model_logprobs_BT`);
 5. back to student tokens: a 1:1 chunk (one token each side) gets the teacher's log-prob as it is — so identical
    tokenizers give exactly the plain teacher's signal. A chunk with several student tokens splits its teacher
    log-prob T_c over them in proportion to their student log-probs s_i (w_i = s_i / S_c, uniform when S_c = 0):
@@ -61,6 +65,7 @@ _REASON_TEXT = {
                        "tokenizer has no token for",
     "teacher_context": "prompt + response in the teacher's tokens exceed the teacher's context",
 }
+CHUNK_MODES = ("safe", "minimal")
 _ROLES = ("unk_token_id", "pad_token_id", "bos_token_id")  # text-less special tokens, mapped by role
 _REPLACEMENT = "\ufffd"  # what decoders emit for an incomplete UTF-8 sequence
 
@@ -76,8 +81,8 @@ def token_ends(tok, ids: Sequence[int]) -> tuple[str, list[int | None]]:
     text decoded through token i is not a prefix of text (token i ends inside a character, e.g. one byte of a
     multi-byte character, or the decoder rewrites earlier text): such a token is glued to the next one.
 
-    Fast path: when the tokens decoded one by one concatenate to text (character and byte-level-free BPE tokenizers,
-    no split characters), the ends are the running lengths. Otherwise every prefix is decoded (in one batch call):
+    Fast path: when the tokens decoded one by one concatenate to text (character tokenizers; BPE tokenizers where
+    no character is split into bytes), the ends are the running lengths. Otherwise every prefix is decoded (in one batch call):
     slower, but exact for SentencePiece-style leading spaces and byte-fallback tokens."""
     ids = [int(i) for i in ids]
     text = decode(tok, ids)
@@ -164,6 +169,46 @@ def _first_at_least(sorted_vals: list[int], x: int) -> int:
     return bisect.bisect_left(sorted_vals, x)
 
 
+def vocab_prefixes(tok) -> tuple[frozenset[str], int]:
+    """(proper prefixes of the surface strings of the tokenizer's non-special tokens, longest token length). A
+    token's surface string is its text after another token (so SentencePiece's '▁the' counts as ' the') and on its
+    own; both are kept (the set only makes cuts rarer)."""
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    ids = [i for i in sorted(set(tok.get_vocab().values())) if i not in special]
+    anchor = next((i for i in ids if len(s := decode(tok, [i])) == 1 and s.isalnum()), None)
+    a_text = decode(tok, [anchor]) if anchor is not None else ""
+    alone = tok.batch_decode([[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    after = (tok.batch_decode([[anchor, i] for i in ids], skip_special_tokens=False,
+                              clean_up_tokenization_spaces=False) if anchor is not None else [])
+    surfaces = set(alone) | {t[len(a_text):] for t in after if t.startswith(a_text)}
+    prefixes = {w[:k] for w in surfaces for k in range(1, len(w))}
+    return frozenset(prefixes), max((len(w) for w in surfaces), default=1)
+
+
+def merge_unsafe(chunks: Sequence[Chunk], text: str, segment_start: Sequence[int], prefixes: frozenset[str],
+                 max_len: int) -> list[Chunk]:
+    """Join consecutive chunks across every cut at which the teacher's token boundary says something about the text
+    AFTER it. A cut at character c (after a text chunk) is safe when no text[i:c] (i from the chunk's text segment
+    start) is a proper prefix of a teacher token: then no continuation could have produced a token spanning c, so the
+    boundary is forced and the chunk's summed log-prob is the teacher's probability of its text. At an unsafe cut
+    (the teacher's token '\n' alone also says "the next character is not '0'", when '\n0' is a token) the minimal
+    chunks' log-probs move the teacher's surprise at the NEXT character onto the token before it: the tokenization
+    bias of token-level probabilities (Phan et al. 2024, "Exact Byte-Level Probabilities from Tokenized Language
+    Models"). `segment_start[k]`: where chunk k's text segment starts (special tokens end segments; a zero-width
+    chunk, a special token, ends none: nothing merges across it)."""
+    out: list[Chunk] = []
+    for k, ch in enumerate(chunks):
+        if out:
+            prev, last = out[-1], chunks[k - 1]
+            c, lo = last.c1, segment_start[k - 1]
+            textual = last.c1 > last.c0  # after a special-token chunk nothing merges: a safe cut
+            if textual and any(text[i:c] in prefixes for i in range(max(lo, c - max_len), c)):
+                out[-1] = Chunk(prev.s0, ch.s1, prev.t0, ch.t1, prev.c0, ch.c1)
+                continue
+        out.append(ch)
+    return out
+
+
 def map_chunk_logprobs(chunks: Sequence[Chunk], teacher_lp: Sequence[float], student_lp: Sequence[float],
                        n_student: int) -> list[float]:
     """Per-student-token teacher log-probs from the teacher's per-token log-probs (rule 5 of the module docstring):
@@ -238,7 +283,7 @@ class CrossTokenizerTeacher:
     kinds = frozenset({"sampled"})
 
     def __init__(self, inner, student_tok, teacher_tok, *, use_chat_template: bool | None = None,
-                 max_len: int | None = None, notice=None):
+                 max_len: int | None = None, chunks: str = "safe", notice=None):
         if teacher_tok.eos_token_id is None:
             from opdkit.errors import UserError
 
@@ -246,6 +291,11 @@ class CrossTokenizerTeacher:
                             "EOS has nothing to map to; fix: a teacher tokenizer with an eos_token")
         self.inner, self.s_tok, self.t_tok = inner, student_tok, teacher_tok
         self.use_chat_template, self.max_len = use_chat_template, max_len
+        if chunks not in CHUNK_MODES:
+            raise ValueError(f"chunks={chunks!r} is not one of {', '.join(CHUNK_MODES)}")
+        self.chunk_mode = chunks
+        # "safe": chunks joined across cuts the teacher's tokenization makes informative (merge_unsafe)
+        self._prefixes = vocab_prefixes(teacher_tok) if chunks == "safe" else None
         self.t_eos = int(teacher_tok.eos_token_id)
         self.t_pad = int(teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else self.t_eos)
         self.t_unk = getattr(teacher_tok, "unk_token_id", None)
@@ -271,7 +321,7 @@ class CrossTokenizerTeacher:
         return f"xtok:{h}:{inner}"
 
     def describe(self) -> str:
-        return f"cross-tokenizer (chunk-aligned sampled log-probs) around {self.inner.describe()}"
+        return f"cross-tokenizer ({self.chunk_mode} chunks, sampled log-probs) around {self.inner.describe()}"
 
     def close(self) -> None:
         self.inner.close()
@@ -312,6 +362,8 @@ class CrossTokenizerTeacher:
         body = ids[:-1] if stop else ids
         t_ids: list[int] = []
         chunks: list[Chunk] = []
+        seg_of: list[int] = []  # per chunk: the character offset where its text segment starts
+        texts: list[str] = []
         n_chars = 0
 
         def add_text(start: int, seg: list[int]) -> bool:
@@ -328,7 +380,9 @@ class CrossTokenizerTeacher:
             k = len(t_ids)
             chunks.extend(Chunk(c.s0 + start, c.s1 + start, c.t0 + k, c.t1 + k, c.c0 + n_chars, c.c1 + n_chars)
                           for c in seg_chunks)
+            seg_of.extend([n_chars] * len(seg_chunks))
             t_ids.extend(seg_t)
+            texts.append(text)
             n_chars += len(text)
             return True
 
@@ -342,13 +396,17 @@ class CrossTokenizerTeacher:
             if not add_text(seg_start, body[seg_start:i]):
                 return "round_trip"
             chunks.append(Chunk(i, i + 1, len(t_ids), len(t_ids) + 1, n_chars, n_chars))
+            seg_of.append(n_chars)
             t_ids.append(self.t_roles[role])
             seg_start = i + 1
         if not add_text(seg_start, body[seg_start:]):
             return "round_trip"
         if stop:
             chunks.append(Chunk(len(body), len(body) + 1, len(t_ids), len(t_ids) + 1, n_chars, n_chars))
+            seg_of.append(n_chars)
             t_ids.append(self.t_eos)
+        if self._prefixes is not None:
+            chunks = merge_unsafe(chunks, "".join(texts), seg_of, *self._prefixes)
         prompt = self._teacher_prompt(batch, b)
         if self.max_len is not None and len(prompt) + len(t_ids) > self.max_len:
             return "teacher_context"

@@ -251,6 +251,10 @@ class TeacherConfig:
                               "chunk alignment (GOLD-style; objective.estimator=sampled only; rows whose text does "
                               "not round-trip are left out of the loss and counted in xtok/skipped_rows; "
                               "docs/cross_tokenizer.md)", default=False)
+    cross_tokenizer_chunks: str = h("cross_tokenizer: safe (chunks joined across cuts where the teacher's token "
+                                    "boundary depends on the following text: unbiased chunk log-probs) or minimal "
+                                    "(GOLD's smallest aligned chunks; biased where teacher tokens merge across "
+                                    "them)", default="safe")
 
     def __post_init__(self) -> None:
         _choice("teacher", "backend", self.backend, TEACHER_BACKENDS)
@@ -269,6 +273,7 @@ class TeacherConfig:
         if self.routes and self.backend != "hf":
             raise ValueError(f"teacher.routes and teacher.backend={self.backend} exclude each other: each route names "
                              "its own teacher (a model spec or server:<url>)")
+        _choice("teacher", "cross_tokenizer_chunks", self.cross_tokenizer_chunks, ("safe", "minimal"))
         if not isinstance(self.cross_tokenizer, bool):
             raise ValueError(f"teacher.cross_tokenizer={self.cross_tokenizer!r} must be true or false")
         if self.cross_tokenizer and (self.backend != "hf" or self.routes):

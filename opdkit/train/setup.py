@@ -133,7 +133,7 @@ def build_teacher(cfg, student, tok, frozen=None, *, pad_token_id: int, source: 
 
         n_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         teacher = CrossTokenizerTeacher(teacher, tok, t_tok, use_chat_template=cfg.data.use_chat_template,
-                                        max_len=n_pos)
+                                        max_len=n_pos, chunks=t.cross_tokenizer_chunks)
     return teacher
 
 

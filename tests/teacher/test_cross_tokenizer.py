@@ -21,7 +21,7 @@ from opdkit.tasks.bpe_tokenizer import build_bpe_tokenizer
 from opdkit.tasks.tokenizer import SPECIAL_TOKENS
 from opdkit.teacher import HFTeacher, TeacherRequest
 from opdkit.teacher.cross_tokenizer import (Chunk, CrossTokenizerTeacher, align_chunks, drop_unaligned,
-                                            map_chunk_logprobs, token_ends)
+                                            map_chunk_logprobs, merge_unsafe, token_ends, vocab_prefixes)
 from opdkit.train import loop
 from opdkit.checkpoint import save_model_dir
 from tests.train.tiny_run import base_overrides, make_pair
@@ -140,6 +140,29 @@ def test_align_chunks_rejects_inconsistent_ends():
     assert align_chunks([], [], 0) == []
     # zero-width tokens join the chunk that holds the next boundary
     assert align_chunks([1, 1, 2], [1, 2], 2) == [Chunk(0, 2, 0, 1, 0, 1), Chunk(2, 3, 1, 2, 1, 2)]
+
+
+def test_safe_chunks_join_cuts_the_teachers_tokenization_makes_informative():
+    """Teacher tokens '\n0' and '+0=' exist: its token '\n' alone says the next character is not '0', and '+0'
+    alone that the next is not '='. Those cuts are joined; a cut after a digit or '=' (no token starts with
+    '1', '=1', ...) is kept."""
+    char = build_char_tokenizer([Addition.alphabet])
+    teacher = bpe(Addition.alphabet, [("\n", "0"), ("+", "0"), ("+0", "=")])
+    prefixes, longest = vocab_prefixes(teacher)
+    assert {"\n", "+", "+0"} <= prefixes and "1" not in prefixes and longest == 3
+    text = "1+0\n1+0=1\n"
+    s_ids, t_ids = ids_of(char, text), ids_of(teacher, text)
+    assert teacher.convert_ids_to_tokens(t_ids) == ["1", "+0", "\n", "1", "+0=", "1", "\n"]
+    minimal = align_chunks(token_ends(char, s_ids)[1], token_ends(teacher, t_ids)[1], len(text))
+    assert [text[c.c0:c.c1] for c in minimal] == ["1", "+0", "\n", "1", "+0=", "1", "\n"]
+    safe = merge_unsafe(minimal, text, [0] * len(minimal), prefixes, longest)
+    # '+0' | '\n' is unsafe ('+0' could have been '+0='), '\n' | '1' too ('\n0'); after '+0=' or a digit: safe
+    assert [text[c.c0:c.c1] for c in safe] == ["1", "+0\n1", "+0=", "1", "\n"]
+    assert safe[1] == Chunk(1, 5, 1, 4, 1, 5)
+    # a zero-width chunk (EOS) after text: the cut before it is checked, the one after it is always safe
+    eos = Chunk(len(s_ids), len(s_ids) + 1, len(t_ids), len(t_ids) + 1, len(text), len(text))
+    with_eos = merge_unsafe(minimal + [eos], text, [0] * (len(minimal) + 1), prefixes, longest)
+    assert with_eos[:-1] == safe[:-1] and with_eos[-1] == Chunk(9, 11, 6, 8, 9, 10)  # '\n' + EOS ('\n0' exists)
 
 
 def test_uniform_split_when_the_student_was_certain():
@@ -380,3 +403,5 @@ def test_config_validates_cross_tokenizer():
         TeacherConfig(cross_tokenizer=True, backend="server", server=ServerConfig(url="http://127.0.0.1:1"))
     with pytest.raises(ValueError, match="must be true or false"):
         TeacherConfig(cross_tokenizer="yes")
+    with pytest.raises(ValueError, match="cross_tokenizer_chunks='tiny' is not one of safe, minimal"):
+        TeacherConfig(cross_tokenizer=True, cross_tokenizer_chunks="tiny")
