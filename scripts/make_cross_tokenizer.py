@@ -3,7 +3,8 @@
 
     OMP_NUM_THREADS=1 python scripts/make_cross_tokenizer.py                    # everything, in runs/xtok
     OMP_NUM_THREADS=1 python scripts/make_cross_tokenizer.py --stage teacher    # only the BPE tokenizer + teacher
-    OMP_NUM_THREADS=1 python scripts/make_cross_tokenizer.py --stage opd        # only the two OPD runs (teacher built)
+    OMP_NUM_THREADS=1 python scripts/make_cross_tokenizer.py --stage opd        # only the OPD runs (teacher built)
+    OMP_NUM_THREADS=1 python scripts/make_cross_tokenizer.py --stage opd --seed 1   # the OPD runs with another seed
     OMP_NUM_THREADS=1 python scripts/make_cross_tokenizer.py --opd-steps 150 --teacher-steps 1200 --run-dir runs/xtok
 
 Steps, all under --run-dir (nothing outside it is written):
@@ -54,7 +55,7 @@ TEACHER = [
 # The OPD runs: sampled estimator (cross-tokenizer mode serves only that) with PowerOPD's bounded reward (a = 0.5),
 # which on the embedded task gains fastest of the sampled methods (docs/results.md: 50.8 -> 61.8 greedy at step 100).
 OPD = ["objective.estimator=sampled", "objective.reward=power", "objective.power_a=0.5", "optim.lr=1e-3",
-       "rollout.prompts_per_step=32", "progress=false", f"seed={SEED}", "threads=1"]
+       "rollout.prompts_per_step=32", "progress=false", "threads=1"]
 
 
 def task_texts(n: int = 4000) -> list[str]:
@@ -96,12 +97,12 @@ def build_teacher(run_dir: Path, vocab: int, steps: int) -> dict:
     return out
 
 
-def opd_run(run_dir: Path, name: str, teacher_args: list[str], steps: int, eval_prompts: int) -> dict:
+def opd_run(run_dir: Path, name: str, teacher_args: list[str], steps: int, eval_prompts: int, seed: int) -> dict:
     from opdkit.train.config import TrainConfig
     from opdkit.train.loop import train
 
     t0 = time.monotonic()
-    cfg = load_config(TrainConfig, None, [*OPD, *teacher_args, f"steps={steps}", f"run_dir={run_dir / name}",
+    cfg = load_config(TrainConfig, None, [*OPD, *teacher_args, f"seed={seed}", f"steps={steps}", f"run_dir={run_dir / name}",
                                           "overwrite=true", f"data.eval_prompts={eval_prompts}", "eval_every=0",
                                           "save_every=0"])
     summary = train(cfg)
@@ -109,10 +110,11 @@ def opd_run(run_dir: Path, name: str, teacher_args: list[str], steps: int, eval_
     recs = [r for r in read_metrics(run_dir / name) if r.get("step", 0) > 0]
     skipped = sum(r.get("xtok/skipped_rows", 0) for r in recs)
     rows = sum(r.get("xtok/rows", 0) for r in recs)
-    out = {"name": name, "teacher": summary["teacher"], "before": summary["initial"]["eval/accuracy"],
+    out = {"name": name, "seed": seed, "teacher": summary["teacher"], "before": summary["initial"]["eval/accuracy"],
            "after": summary["final"]["eval/accuracy"], "steps": steps, "wall_s": round(wall, 1),
            "teacher_tokens": recs[-1]["teacher_tokens"] if recs else 0, "xtok_rows": rows, "xtok_skipped_rows": skipped,
-           "time_score_s": round(sum(r.get("time/score", 0.0) for r in recs), 1)}
+           "time_score_s": round(sum(r.get("time/score", 0.0) for r in recs), 1),
+           "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
     print(f"{name}: {out['before']:.3f} -> {out['after']:.3f} ({steps} steps, {wall:.0f} s; teacher {out['teacher']})")
     return out
 
@@ -125,6 +127,7 @@ def main() -> int:
     ap.add_argument("--teacher-steps", type=int, default=1200)
     ap.add_argument("--opd-steps", type=int, default=150)
     ap.add_argument("--eval-prompts", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=SEED, help="OPD runs' seed (runs of seed S > 0 are named *_seedS)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     run_dir = Path(a.run_dir)
@@ -139,23 +142,22 @@ def main() -> int:
         if not final.is_dir():
             print(f"make_cross_tokenizer: {final} is missing: run --stage teacher first", file=sys.stderr)
             return 2
-        results["opd_xtok"] = opd_run(run_dir, "opd_xtok", [f"teacher.model={final}", "teacher.cross_tokenizer=true"],
-                                      a.opd_steps, a.eval_prompts)
-        res_path.write_text(json.dumps(results, indent=1) + "\n")
-        results["opd_xtok_minimal"] = opd_run(run_dir, "opd_xtok_minimal", [
-            f"teacher.model={final}", "teacher.cross_tokenizer=true", "teacher.cross_tokenizer_chunks=minimal"],
-            a.opd_steps, a.eval_prompts)
-        res_path.write_text(json.dumps(results, indent=1) + "\n")
-        results["opd_same"] = opd_run(run_dir, "opd_same", ["teacher.model=embedded:teacher"], a.opd_steps,
-                                      a.eval_prompts)
-        res_path.write_text(json.dumps(results, indent=1) + "\n")
+        suffix = "" if a.seed == 0 else f"_seed{a.seed}"
+        runs = {"opd_xtok": [f"teacher.model={final}", "teacher.cross_tokenizer=true"],
+                "opd_xtok_minimal": [f"teacher.model={final}", "teacher.cross_tokenizer=true",
+                                     "teacher.cross_tokenizer_chunks=minimal"],
+                "opd_same": ["teacher.model=embedded:teacher"]}
+        for name, args in runs.items():
+            results[name + suffix] = opd_run(run_dir, name + suffix, args, a.opd_steps, a.eval_prompts, a.seed)
+            res_path.write_text(json.dumps(results, indent=1) + "\n")
         results["load"] = os.getloadavg()
         res_path.write_text(json.dumps(results, indent=1) + "\n")
         print("| run | teacher | before | after | change | wall | skipped rows |")
         print("|---|---|---|---|---|---|---|")
-        for k in ("opd_xtok", "opd_xtok_minimal", "opd_same"):
-            r = results[k]
-            print(f"| {k} | {r['teacher']} | {100 * r['before']:.1f}% | {100 * r['after']:.1f}% | "
+        for k, r in results.items():
+            if not k.startswith("opd_"):
+                continue
+            print(f"| {k} (seed {r.get('seed', 0)}) | {r['teacher']} | {100 * r['before']:.1f}% | {100 * r['after']:.1f}% | "
                   f"{100 * (r['after'] - r['before']):+.1f} pts | {r['wall_s']:.0f} s | "
                   f"{r['xtok_skipped_rows']} of {r['xtok_rows']} |")
     return 0
