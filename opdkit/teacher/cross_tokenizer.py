@@ -3,9 +3,10 @@
     opdkit train teacher.model=runs/xtok/teacher_bpe/final teacher.cross_tokenizer=true objective.estimator=sampled
 
 Method: GOLD-style character-span chunk alignment of sampled-token log-probs (GOLD, "Unlocking On-Policy
-Distillation for Any Model Family", Hugging Face TRL 2025, which extends ULD, Boizard et al. 2024, "Towards
-Cross-Tokenizer Distillation: the Universal Logit Distillation Loss for LLMs"; miles' chunk alignment is the same
-rule). For each row of the student's batch:
+Distillation for Any Model Family", Hugging Face TRL 2025: General Online Logit Distillation, TRL's GOLDTrainer,
+which extends ULD, Boizard et al. 2024, "Towards Cross-Tokenizer Distillation: the Universal Logit Distillation
+Loss for LLMs"; issue #16 names miles' chunk alignment as the same grouping), plus one correction of ours for
+token-level rewards (safe chunks, step 4). For each row of the student's batch:
 
 1. the student's response tokens are decoded to text, each token getting the character offset where it ends
    (`token_ends`: the length of the decoded prefix through it; a token that ends inside a character, e.g. one byte
@@ -39,10 +40,9 @@ token-to-token map onto the student's; ULD's sorted-probability distance for den
 Alignment failures are never a silent wrong signal: a row whose response text does not round-trip through the
 teacher's tokenizer (characters it does not know -> <unk>), whose response holds a student <unk> / <pad> / <bos>
 for which the teacher's tokenizer has no token of that role, or whose teacher sequence exceeds the teacher's
-context is SKIPPED: it is left
-out of the loss (`drop_unaligned`, called by the trainer right after scoring, sets its response mask to 0) and
-counted per step in `xtok/skipped_rows` (and `xtok/skipped/<reason>`), with a one-line notice the first time each
-reason occurs. Its log-probs are set to the student's own (a zero log-ratio), so even a consumer that ignored the
+context is SKIPPED: it is left out of the loss (`drop_unaligned`, called by the trainer right after scoring, sets
+its response mask to 0) and counted per step in `xtok/skipped_rows` (and `xtok/skipped/<reason>`), with a one-line
+notice the first time each reason occurs. Its log-probs are set to the student's own (a zero log-ratio), so even a consumer that ignored the
 mask would get no push from it.
 """
 
@@ -318,7 +318,7 @@ class CrossTokenizerTeacher:
         import hashlib
 
         h = hashlib.sha256(repr(sorted(self.s_tok.get_vocab().items())).encode()).hexdigest()[:12]
-        return f"xtok:{h}:{inner}"
+        return f"xtok:{self.chunk_mode}:{h}:{inner}"
 
     def describe(self) -> str:
         return f"cross-tokenizer ({self.chunk_mode} chunks, sampled log-probs) around {self.inner.describe()}"
