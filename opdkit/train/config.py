@@ -258,6 +258,15 @@ class TeacherConfig:
     routes: dict[str, str] = h("multi-teacher: route key -> teacher (a model spec, or server:<url>); '*' is the "
                                "fallback; a prompt's key is its data.route_field (built-in tasks: the task name); "
                                "replaces teacher.backend/model", default_factory=dict)
+    cross_tokenizer: bool = h("a teacher (backend hf) with ANOTHER tokenizer than the student: it scores the "
+                              "student's response re-tokenized in its own vocabulary, mapped back by character-span "
+                              "chunk alignment (GOLD-style; objective.estimator=sampled only; rows whose text does "
+                              "not round-trip are left out of the loss and counted in xtok/skipped_rows; "
+                              "docs/cross_tokenizer.md)", default=False)
+    cross_tokenizer_chunks: str = h("cross_tokenizer: safe (chunks joined across cuts where the teacher's token "
+                                    "boundary depends on the following text: unbiased chunk log-probs) or minimal "
+                                    "(GOLD's smallest aligned chunks; biased where teacher tokens merge across "
+                                    "them)", default="safe")
 
     def __post_init__(self) -> None:
         _choice("teacher", "backend", self.backend, TEACHER_BACKENDS)
@@ -276,6 +285,14 @@ class TeacherConfig:
         if self.routes and self.backend != "hf":
             raise ValueError(f"teacher.routes and teacher.backend={self.backend} exclude each other: each route names "
                              "its own teacher (a model spec or server:<url>)")
+        _choice("teacher", "cross_tokenizer_chunks", self.cross_tokenizer_chunks, ("safe", "minimal"))
+        if not isinstance(self.cross_tokenizer, bool):
+            raise ValueError(f"teacher.cross_tokenizer={self.cross_tokenizer!r} must be true or false")
+        if self.cross_tokenizer and (self.backend != "hf" or self.routes):
+            what = "teacher.routes" if self.routes else f"teacher.backend={self.backend}"
+            raise ValueError(f"teacher.cross_tokenizer=true works with one local teacher (teacher.backend=hf), not "
+                             f"{what}" + (" (a self-teacher has the student's tokenizer)" if self.backend in (
+                                 "self", "self_live") else ""))
         if self.backend == "server" and self.server.url is None and not self.server.launch:
             raise ValueError("teacher.backend=server needs teacher.server.url=http://host:port (a running vLLM "
                              "server) or teacher.server.launch=true (opdkit starts one for teacher.model)")

@@ -45,6 +45,7 @@ from opdkit.train.distributed import (NullLogger, check_distributed_config, gath
 from opdkit.rollout import RolloutBatch
 from opdkit.rollout.base import stop_ids
 from opdkit.teacher import Teacher, TeacherRequest, check_serves
+from opdkit.teacher.cross_tokenizer import drop_unaligned
 from opdkit.train import setup
 from opdkit.checkpoint import latest_checkpoint, load_checkpoint, run_min_bytes, save_checkpoint, save_model_dir
 from opdkit.checkpoint_dcp import save_sharded_checkpoint
@@ -356,6 +357,8 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
                 else:
                     # 2. teacher scoring: exactly the signal the objective declared (TeacherRequest), any backend
                     signal = teacher.score(batch, request)
+                    # cross-tokenizer teacher: rows whose text it could not align leave the loss (counted there)
+                    batch, signal = drop_unaligned(batch, signal)
                     teacher_tokens += int(dist.sum(float(batch.eos_mask_BT.sum())))
                     t2 = time.perf_counter()
                     texts = decode(m, batch)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -69,7 +70,14 @@ def load_teacher_model(spec: str, mcfg, tcfg, student, student_tok):
     """A frozen HF teacher model from `spec` (teacher.dtype), checked against the student's tokenizer and head."""
     teacher, t_tok = load_causal_lm(resolve_model_spec(spec), dtype=resolve_dtype(tcfg.dtype),
                                     trust_remote_code=mcfg.trust_remote_code, gguf_cache_dir=mcfg.gguf_cache_dir)
-    check_compatible(student_tok, t_tok, student, teacher)
+    try:
+        check_compatible(student_tok, t_tok, student, teacher)
+    except UserError as e:  # a single teacher with another tokenizer is still usable: say how
+        if tcfg.routes:
+            raise
+        raise UserError(f"{e}, or set teacher.cross_tokenizer=true with objective.estimator=sampled (the teacher "
+                        "scores the student's text in its own tokens, mapped back by chunk alignment; "
+                        "docs/cross_tokenizer.md)") from None
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.eval()
@@ -102,6 +110,11 @@ def build_teacher(cfg, student, tok, frozen=None, *, pad_token_id: int, source: 
             model = place_teacher(model, t, dist)
         teacher = SelfTeacher(model, tok, t.privileged_template, live=t.backend == "self_live",
                               pad_token_id=pad_token_id, use_chat_template=cfg.data.use_chat_template)
+    elif t.cross_tokenizer:
+        model, t_tok = cross_tokenizer_teacher_model(cfg, student, tok, dist)
+        if _placed(dist):
+            model = place_teacher(model, t, dist)
+        teacher = HFTeacher(model, name=t.model)
     else:
         model = load_teacher_model(t.model, cfg.model, t, student, tok)
         if _placed(dist):
@@ -115,7 +128,46 @@ def build_teacher(cfg, student, tok, frozen=None, *, pad_token_id: int, source: 
         except BaseException:
             teacher.close()
             raise
+    if t.cross_tokenizer:  # outside the cache: the cache keeps the teacher's scores of its own tokens
+        from opdkit.teacher.cross_tokenizer import CrossTokenizerTeacher
+
+        n_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        teacher = CrossTokenizerTeacher(teacher, tok, t_tok, use_chat_template=cfg.data.use_chat_template,
+                                        max_len=n_pos, chunks=t.cross_tokenizer_chunks)
     return teacher
+
+
+def cross_tokenizer_teacher_model(cfg, student, tok, dist=None):
+    """teacher.cross_tokenizer=true: (frozen teacher model, its own tokenizer). Refused before loading unless the
+    estimator is sampled; the tokenizer check runs as usual and, where the tokenizers differ, a notice says what
+    cross-tokenizer mode does instead (where they are the same, that the alignment is the identity)."""
+    t = cfg.teacher
+    if cfg.objective.estimator != "sampled":
+        raise UserError(f"teacher.cross_tokenizer=true serves objective.estimator=sampled only, not "
+                        f"{cfg.objective.estimator}: top-K ids and full distributions are over the teacher's "
+                        "vocabulary, which has no token-by-token map onto the student's; fix: "
+                        "objective.estimator=sampled")
+    teacher, t_tok = load_causal_lm(resolve_model_spec(t.model), dtype=resolve_dtype(t.dtype),
+                                    trust_remote_code=cfg.model.trust_remote_code,
+                                    gguf_cache_dir=cfg.model.gguf_cache_dir)
+    try:
+        check_compatible(tok, t_tok, student, teacher)
+        note = ("opdkit: note: teacher.cross_tokenizer=true with a teacher of the student's own tokenizer: the "
+                "alignment is the identity wherever the student's tokens are its tokenizer's encoding of their text "
+                "(always for a character tokenizer), and the signal then the plain teacher's; "
+                "teacher.cross_tokenizer=false scores the student's ids directly")
+    except UserError as e:
+        diff = str(e).removeprefix("teacher/student mismatch: ").split("; fix:")[0]
+        note = (f"opdkit: note: teacher.cross_tokenizer=true: teacher and student tokenizers differ ({diff}); the "
+                f"teacher scores each response decoded to text and re-tokenized in its own vocabulary, and its "
+                f"log-probs are mapped back to the student's tokens by character-span chunk alignment (sum over "
+                f"each chunk, split over the chunk's student tokens by their log-probs); rows whose text does not "
+                f"round-trip are left out of the loss (xtok/skipped_rows)")
+    if dist is None or dist.is_main:
+        print(note, file=sys.stderr, flush=True)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval(), t_tok
 
 
 def _placed(dist) -> bool:
