@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""Multi-teacher OPD, demonstrated: two specialist teachers, one student, routed vs single teacher (docs/multiteacher.md).
+"""Multi-teacher OPD: two specialist teachers, one student, routed vs single teacher (docs/multiteacher.md).
 
     # CPU (1 torch thread; the measured run in docs/multiteacher.md):
     OMP_NUM_THREADS=1 python scripts/make_multiteacher.py --run-dir runs/multiteacher
-    # the same on 1 GPU: every opdkit run is placed on the GPU by torch, nothing here is CPU-specific except the
-    # thread count, so the command is unchanged (the models are ~100k parameters: a GPU does not make it faster)
+    # the OPD part again on the same models with another seed (copy tokenizer/, t_*/ and student/ over first)
+    OMP_NUM_THREADS=1 python scripts/make_multiteacher.py --run-dir runs/multiteacher_seed1 --skip-build --seed 1
+
+No GPU / N-GPU command: the models have 21k-280k parameters (a GPU would not speed them up), and `opdkit sft` and a
+single-process `opdkit train` run on the CPU (opdkit uses GPUs under torchrun only).
 
 Steps (all artifacts under --run-dir; nothing is written elsewhere):
 1. a character tokenizer of the union alphabet of `addition` and `arith_chain`, shared by every model (teachers and
@@ -104,7 +107,8 @@ def student_jsonl(path: Path, n: int, seed: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def opd(run_dir: Path, student: Path, routes: dict[str, Path], steps: int, eval_n: int, seed: int) -> tuple[list, float]:
+def opd(run_dir: Path, student: Path, routes: dict[str, Path], steps: int, eval_n: int,
+        seed: int) -> tuple[list, float]:
     """One `opdkit train` run (a subprocess of the CLI, so the command below is the one that ran); its records."""
     route_arg = "teacher.routes={" + ", ".join(f"{k}: {v}" for k, v in routes.items()) + "}"
     cmd = [sys.executable, "-m", "opdkit.cli", "train", f"model.student={student}",
@@ -152,11 +156,18 @@ def main() -> int:
     a = ap.parse_args()
     torch.set_num_threads(1)
     run, seed = Path(a.run_dir).resolve(), a.seed
-    run.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     teachers = {name: run / f"t_{name}" / "final" for name in TASK_NAMES}
     student = run / "student" / "final"
     timing = {}
+
+    if a.skip_build:
+        missing = [str(p) for p in (*teachers.values(), student) if not (p / "config.json").is_file()]
+        if missing:  # one line, before any run is started
+            sys.exit(f"make_multiteacher: --skip-build needs the built models in {run}: {', '.join(missing)} missing "
+                     "(run without --skip-build, or copy tokenizer/, t_*/ and student/ from a built run dir)")
+
+    run.mkdir(parents=True, exist_ok=True)
 
     # 1-3. tokenizer, specialist teachers, student
     if not a.skip_build:
