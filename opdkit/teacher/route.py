@@ -95,9 +95,13 @@ class RoutedTeacher:
             t.close()
 
     def stats(self) -> dict:
-        out = {}
+        out: dict = {}
         for t in self.teachers.values():
-            out.update(t.stats())
+            # Several routes' backends report the same counters (two server: routes both count teacher/requests):
+            # they are summed, not overwritten by whichever teacher came last. The inner backends here are hf and
+            # server, whose stats are all additive counters (a cache wraps the routed teacher, not its routes).
+            for k, v in t.stats().items():
+                out[k] = out[k] + v if k in out and isinstance(v, (int, float)) else v
         for k, v in self._stats.items():
             if k.startswith("_klsum/"):
                 key = k.split("/", 1)[1]
