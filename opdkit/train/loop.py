@@ -241,7 +241,9 @@ def train(cfg: TrainConfig) -> dict:
     """`opdkit train`: the same code path in one process and under `torchrun` (FSDP2, docs/scaling.md)."""
     dist = init_dist()  # world 1 without torchrun
     try:
-        return _setup_and_train(cfg, dist)
+        summary = _setup_and_train(cfg, dist)
+        dist.barrier()  # every rank done before the process group goes: an early teardown aborted a rank's gloo thread
+        return summary
     finally:
         close_dist(dist)
 
