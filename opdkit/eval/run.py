@@ -321,7 +321,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if out_path is not None and out_path.is_dir():
         raise UserError(f"out={out_path} is a directory; give a .json file path")
     if out_path is not None:  # an unwritable out= fails now, not after the evaluation
-        from opdkit.train.logging import check_creatable
+        from opdkit.paths import check_creatable
 
         check_creatable(out_path.parent, "the directory of", "out")
     examples, checker, max_new = eval_examples(cfg)

@@ -578,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             recs = read_metrics(metrics)
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise UserError(f"{metrics}: cannot be read ({type(exc).__name__}: {exc})") from None
-        from opdkit.train.logging import check_creatable
+        from opdkit.paths import check_creatable
 
         check_creatable(out_dir if out_dir is not None else metrics.parent / PLOTS_DIR, "plots dir", "out")
         paths = plot_run(metrics.parent, out_dir) if recs else []
