@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,7 +44,8 @@ def _choices(text: str, allowed, what: str) -> list[str]:
 def parser() -> argparse.ArgumentParser:
     lines = "\n".join(f"  {k:8s} {w.title}" for k, w in W.WORKLOADS.items())
     p = _Parser(prog="opdkit bench", description=__doc__.split("\n\n", 1)[1],
-                epilog="workloads:\n" + lines, formatter_class=argparse.RawDescriptionHelpFormatter)
+                epilog="workloads:\n" + lines + "\n\nexamples:\n  opdkit bench --workload b --estimator full --steps 3\n"
+                       "  opdkit bench --workload a --trl off --json bench.json", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", default=",".join(W.DEFAULT_WORKLOADS),
                    help=f"comma list of {', '.join(W.WORKLOADS)} (default: %(default)s)")
     p.add_argument("--estimator", default=",".join(W.ESTIMATORS),
@@ -102,7 +104,10 @@ def main(argv: list[str]) -> int:
             raise UserError("--trl on: TRL is not importable here; install the bench extra in its own venv "
                             "(pip install 'opdkit[bench]', docs/performance.md)")
         work = Path(a.work_dir) if a.work_dir else Path(tempfile.mkdtemp(prefix="opdkit-bench-"))
-        return bench(a, workloads, estimators, trainers, trl, work)
+        code = bench(a, workloads, estimators, trainers, trl, work)
+        if not a.work_dir and code == 0:  # a temporary work dir (models, run dirs) goes; kept when a case failed
+            shutil.rmtree(work, ignore_errors=True)
+        return code
 
     return run_cli(run, argv)
 

