@@ -180,3 +180,13 @@ def test_a_temporary_work_dir_is_removed_after_a_clean_run(tmp_path, monkeypatch
     assert main(["--workload", "t", "--estimator", "sampled", "--steps", "1", "--repeats", "1", "--trl", "off"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("opdkit bench: t: sampled ")
     assert not made.exists()
+
+
+def test_trl_on_without_trl_is_one_line_and_exit_2(capsys):
+    from opdkit.bench.trl_case import trl_available
+
+    if trl_available() is not None:
+        pytest.skip("TRL is importable here")
+    assert main(["--workload", "t", "--trl", "on"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("opdkit: error: --trl on: TRL is not importable here")
