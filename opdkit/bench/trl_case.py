@@ -6,7 +6,7 @@ max_new_tokens, beta, lr from opdkit.bench.workloads), one case per process (opd
 
 Both: CPU, fp32 (bf16 off), no gradient checkpointing (opdkit's student does not checkpoint either), AdamW
 betas (0.9, 0.999), constant learning rate, gradient clip 1.0, no logging or saving. A callback times each optimizer
-step; the generation inside it is timed by wrapping the trainer's generation method.
+step; the generation inside it is timed (and its tokens counted) by wrapping the trainer's generation method.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def run_trl(spec: dict) -> dict:
     teacher = AutoModelForCausalLM.from_pretrained(files / "teacher", dtype=torch.float32).eval()
     prompts = [__import__("json").loads(x)["prompt"] for x in (files / "prompts.jsonl").read_text().splitlines()]
     gen_times: list[float] = []
+    gen_tokens: list[int] = []
     step_times: list[float] = []
 
     class Timer(TrainerCallback):
@@ -58,13 +59,14 @@ def run_trl(spec: dict) -> dict:
         def on_step_end(self, args, state, control, **kw):
             step_times.append(time.perf_counter() - self.t0)
 
-    def timed(fn):
+    def timed(fn, count):
+        """`fn` timed, and the tokens it generated counted by `count(result)`."""
         def wrapper(*a, **kw):
             t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                gen_times.append(time.perf_counter() - t0)
+            out = fn(*a, **kw)
+            gen_times.append(time.perf_counter() - t0)
+            gen_tokens.append(int(count(out)))
+            return out
         return wrapper
 
     common = _common(spec["out_dir"], steps, batch, lr, int(spec.get("seed", 0)))
@@ -76,7 +78,8 @@ def run_trl(spec: dict) -> dict:
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
                                       train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok,
                                       callbacks=[Timer()])
-        trainer._generate = timed(trainer._generate)
+        # returns (prompt_ids, completion_ids: one list per row, cut after EOS, ...)
+        trainer._generate = timed(trainer._generate, lambda out: sum(len(ids) for ids in out[1]))
     elif spec["trainer"] == "gkd":
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -87,7 +90,9 @@ def run_trl(spec: dict) -> dict:
         trainer = GKDTrainer(model=student, teacher_model=teacher, args=args,
                              train_dataset=Dataset.from_dict({"messages": rows}), processing_class=tok,
                              callbacks=[Timer()])
-        trainer.generate_on_policy_outputs = timed(trainer.generate_on_policy_outputs)
+        # returns (sequences, attention mask, labels: -100 outside the completion up to its EOS)
+        trainer.generate_on_policy_outputs = timed(trainer.generate_on_policy_outputs,
+                                                   lambda out: int((out[2] != -100).sum()))
     else:
         raise ValueError(f"unknown TRL trainer {spec['trainer']!r}; use one of {', '.join(TRAINERS)}")
     torch.set_num_threads(int(spec["threads"]))
@@ -95,6 +100,7 @@ def run_trl(spec: dict) -> dict:
     from opdkit.bench.child import vm_hwm_bytes
 
     hwm = vm_hwm_bytes()
-    gens = gen_times[-len(step_times):] if len(gen_times) >= len(step_times) else [None] * len(step_times)
-    out = [{"step": s, "generate": g} for s, g in zip(step_times, gens, strict=True)]
+    n = len(step_times)
+    gens, toks = (gen_times[-n:], gen_tokens[-n:]) if len(gen_times) >= n else ([None] * n, [None] * n)
+    out = [{"step": s, "generate": g, "tokens": k} for s, g, k in zip(step_times, gens, toks, strict=True)]
     return {"steps": out, "rss_train_bytes": hwm, "trl_version": trl_available()}

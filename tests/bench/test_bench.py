@@ -147,6 +147,9 @@ def test_trl_tiny_side_by_side(tmp_path):
     out = r.stdout
     assert "| t TRL gkd #0 |" in out and "| t TRL distillation #0 |" in out
     assert "t: opdkit full / TRL distillation: s/step" in out and "vs TRL" in out.strip().splitlines()[-1]
+    for row in (x for x in out.splitlines() if x.startswith("| t TRL ")):
+        gen_tps = row.split(" | ")[5]
+        assert gen_tps != "-" and float(gen_tps) > 0, row  # the generated tokens were counted
 
 
 @pytest.mark.parametrize("key", [k for k in W.WORKLOADS if W.WORKLOADS[k].synthetic is None])
