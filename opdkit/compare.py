@@ -13,6 +13,8 @@ Grid YAML:
       - {name: vanilla, overrides: [objective.divergence=reverse_kl]}
       - {name: sft_teacher_samples, kind: sft, match: vanilla}   # off-policy SFT, equal teacher tokens
       - {name: sft_init, kind: none}                             # the starting student, not trained
+    A method may add `sweep: {optim.lr: [1e-3, 3e-4, 1e-4]}`: seed 0 per value, the best on a validation split
+    (held-out problems that are not the test problems) is chosen for every seed (compare_sweep.py).
 Runs live in out_dir/runs/<method>/seed<k>/ and are resumable: a finished run (final/ exists) is reused, an
 unfinished one continues with resume=true. Each run's eval result is cached in its eval.json.
 """
@@ -33,6 +35,8 @@ from pathlib import Path
 
 import yaml
 
+from opdkit.compare_sweep import (Sweep, candidate_dir, choose, describe, parse_sweep, read_choice, TEST_SEED,
+                                  validation_examples)
 from opdkit.config import h, help_text, load_config
 from opdkit.errors import UserError, run_cli
 
@@ -68,7 +72,10 @@ def default_grid(quick: bool) -> dict:
         keep = {"vanilla", "full_rkl", "power_a1", "stopgrad_fkl"}
         m = [x for x in m if x[0] in keep]
     methods = [{"name": n, "overrides": o} for n, o in m]
-    methods.append({"name": "sft_teacher_samples", "kind": "sft", "match": "vanilla"})
+    # The off-policy baseline gets its own learning-rate sweep, chosen on validation problems (issue #15: at the
+    # OPD lr it fell from 42.4 to 13.1 avg@4, below its own start).
+    methods.append({"name": "sft_teacher_samples", "kind": "sft", "match": "vanilla",
+                    "sweep": {"optim.lr": [1e-3, 3e-4, 1e-4]}})
     methods.append({"name": "sft_init", "kind": "none"})
     base = ["rollout.prompts_per_step=32", "rollout.temperature=1.0", "optim.lr=1e-3",
             f"steps={120 if quick else 300}", f"eval_every={40 if quick else 100}", "data.eval_prompts=200",
@@ -113,6 +120,7 @@ class Method:
     kind: str = "train"
     overrides: list[str] = field(default_factory=list)
     match: str | None = None  # sft: match this train method's teacher tokens
+    sweep: Sweep | None = None  # tuned on validation problems with seed 0 (compare_sweep.py)
 
 
 def load_grid(cfg: CompareConfig) -> tuple[list[str], int, list[Method]]:
@@ -132,13 +140,16 @@ def load_grid(cfg: CompareConfig) -> tuple[list[str], int, list[Method]]:
     for i, m in enumerate(grid["methods"]):
         if not isinstance(m, dict) or "name" not in m:
             raise UserError(f"grid {cfg.grid}: methods[{i}] needs a name")
-        unknown = set(m) - {"name", "kind", "overrides", "match"}
+        unknown = set(m) - {"name", "kind", "overrides", "match", "sweep"}
         if unknown:
             raise UserError(f"grid {cfg.grid}: methods[{i}] has unknown keys {sorted(unknown)} "
-                            f"(allowed: name, kind, overrides, match)")
-        meth = Method(str(m["name"]), m.get("kind", "train"), [str(x) for x in m.get("overrides", [])], m.get("match"))
+                            f"(allowed: name, kind, overrides, match, sweep)")
+        meth = Method(str(m["name"]), m.get("kind", "train"), [str(x) for x in m.get("overrides", [])], m.get("match"),
+                      parse_sweep(m.get("sweep"), f"grid {cfg.grid or '(built-in)'}: methods[{i}]"))
         if meth.kind not in KINDS:
             raise UserError(f"grid {cfg.grid}: methods[{i}].kind={meth.kind!r} is not one of {', '.join(KINDS)}")
+        if meth.sweep is not None and meth.kind == "none":
+            raise UserError(f"grid {cfg.grid}: methods[{i}] ({meth.name}) is kind none: it has nothing to sweep")
         methods.append(meth)
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
@@ -156,7 +167,15 @@ def load_grid(cfg: CompareConfig) -> tuple[list[str], int, list[Method]]:
 
 
 # ------------------------------------------------------------------------------------------------ running
-def _run_dir(out: Path, method: str, seed: int) -> Path:
+def _run_dir(out: Path, method: str, seed: int, m: Method | None = None, value=None) -> Path:
+    """A run's directory; a swept method's runs live under sweep/<knob>=<value>/ (the chosen value by default)."""
+    if m is not None and m.sweep is not None:
+        if value is None:
+            choice = read_choice(out, method)
+            if choice is None:
+                raise UserError(f"compare: {method!r} has no chosen sweep value yet")
+            value = choice["value"]
+        return candidate_dir(out, method, m.sweep, value, seed)
     return out / "runs" / method / f"seed{seed}"
 
 
@@ -194,9 +213,13 @@ def opdkit_command() -> list[str]:
     return [sys.executable, "-c", _LAUNCHER.format(root=root)]
 
 
-def _train_cmd(cfg: CompareConfig, base: list[str], m: Method, seed: int, run_dir: Path) -> list[str]:
+def _swept(m: Method, value) -> list[str]:
+    return [] if m.sweep is None or value is None else [m.sweep.label(value)]
+
+
+def _train_cmd(cfg: CompareConfig, base: list[str], m: Method, seed: int, run_dir: Path, value=None) -> list[str]:
     resume = ["resume=true"] if (run_dir / "config.yaml").exists() else []
-    return [*opdkit_command(), "train", *base, *m.overrides, f"seed={seed}", f"run_dir={run_dir}",
+    return [*opdkit_command(), "train", *base, *m.overrides, *_swept(m, value), f"seed={seed}", f"run_dir={run_dir}",
             "progress=false", *resume, f"threads={cfg.threads}"]
 
 
@@ -207,7 +230,8 @@ def _teacher_tokens(run_dir: Path) -> int:
     return int(rows[-1]["teacher_tokens"]) if rows else 0
 
 
-def _sft_cmd(cfg: CompareConfig, m: Method, seed: int, run_dir: Path, budget: int, train_cfg) -> list[str]:
+def _sft_cmd(cfg: CompareConfig, m: Method, seed: int, run_dir: Path, budget: int, train_cfg,
+             value=None) -> list[str]:
     """Off-policy SFT of the same student on teacher samples, stopped at the teacher-token budget the matched OPD
     method used (a teacher forward per token generated vs one per token scored: equal teacher compute)."""
     resume = ["resume=true"] if (run_dir / "config.yaml").exists() else []
@@ -219,37 +243,60 @@ def _sft_cmd(cfg: CompareConfig, m: Method, seed: int, run_dir: Path, budget: in
             f"data.batch_size={train_cfg.rollout.prompts_per_step * train_cfg.rollout.n_samples}",
             f"data.max_new_tokens={train_cfg.rollout.max_new_tokens}", f"optim.lr={train_cfg.optim.lr}",
             f"max_teacher_tokens={budget}", "steps=100000", f"seed={seed}", f"run_dir={run_dir}",
-            "data.eval_prompts=0", "progress=false", *resume, f"threads={cfg.threads}", *m.overrides]
+            "data.eval_prompts=0", "progress=false", *resume, f"threads={cfg.threads}", *m.overrides, *_swept(m, value)]
 
 
 def run_grid(cfg: CompareConfig) -> dict:
     from opdkit.train.config import TrainConfig
+    from opdkit.train.sft import SFTConfig
 
     base, seeds, methods = load_grid(cfg)
     out = Path(cfg.out_dir)
-    # Validate every train method's config before launching anything (bad input: one line, nothing written).
+    # Validate every train method's config (and every swept value) before launching anything (bad input: one
+    # line, nothing written).
     train_cfgs = {m.name: load_config(TrainConfig, None, base + m.overrides) for m in methods if m.kind == "train"}
+    for m in methods:
+        for v in (m.sweep.values if m.sweep else ()):
+            if m.kind == "train":
+                load_config(TrainConfig, None, base + m.overrides + _swept(m, v))
+            else:
+                load_config(SFTConfig, None, m.overrides + _swept(m, v))
     ref_cfg = next(iter(train_cfgs.values())) if train_cfgs else load_config(TrainConfig, None, base)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
-    def job(m: Method, seed: int) -> None:
-        rd = _run_dir(out, m.name, seed)
+    def job(m: Method, seed: int, value=None) -> None:
+        if m.sweep is not None and value is None:  # the remaining seeds of a swept method: the chosen value
+            value = read_choice(out, m.name)["value"]
+        rd = _run_dir(out, m.name, seed, m, value)
         if (rd / "final").is_dir() or m.kind == "none":
             return
         if m.kind == "train":
-            cmd = _train_cmd(cfg, base, m, seed, rd)
+            cmd = _train_cmd(cfg, base, m, seed, rd, value)
         else:
-            budget = _teacher_tokens(_run_dir(out, m.match, seed))
-            cmd = _sft_cmd(cfg, m, seed, rd, budget, train_cfgs[m.match])
-        code = _launch(cmd, out / "logs" / f"{m.name}_seed{seed}.log", cfg.threads)
+            match = next(x for x in methods if x.name == m.match)
+            budget = _teacher_tokens(_run_dir(out, m.match, seed, match))
+            cmd = _sft_cmd(cfg, m, seed, rd, budget, train_cfgs[m.match], value)
+        tag = f"{m.name}_seed{seed}" + ("" if value is None else f"_{m.sweep.label(value)}")
+        code = _launch(cmd, out / "logs" / f"{tag}.log", cfg.threads)
         if code != 0:
-            print(f"opdkit compare: {m.name} seed {seed} failed (exit {code}); see {out}/logs/{m.name}_seed{seed}.log",
-                  file=sys.stderr, flush=True)
+            print(f"opdkit compare: {tag} failed (exit {code}); see {out}/logs/{tag}.log", file=sys.stderr, flush=True)
+
+    def stage(kinds: tuple[str, ...], pool) -> None:
+        """Plain methods: every seed. Swept methods: seed 0 per value, the choice on validation, then the rest."""
+        ms = [m for m in methods if m.kind in kinds]
+        first = [(m, s, None) for m in ms if m.sweep is None for s in range(seeds)]
+        first += [(m, 0, v) for m in ms if m.sweep is not None and read_choice(out, m.name) is None
+                  for v in m.sweep.values]
+        list(pool.map(lambda a: job(*a), first))
+        for m in ms:
+            if m.sweep is not None and read_choice(out, m.name) is None:
+                choose(out, m.name, m.sweep, validation_scores(cfg, out, m, ref_cfg, pool))
+        list(pool.map(lambda a: job(*a), [(m, s, None) for m in ms if m.sweep is not None for s in range(seeds)]))
 
     with ThreadPoolExecutor(max_workers=cfg.parallel) as pool:  # train runs first: sft matches their budgets
-        list(pool.map(lambda a: job(*a), [(m, s) for m in methods if m.kind == "train" for s in range(seeds)]))
-        list(pool.map(lambda a: job(*a), [(m, s) for m in methods if m.kind != "train" for s in range(seeds)]))
+        stage(("train",), pool)
+        stage(("sft", "none"), pool)
     train_seconds = time.time() - t0
     results = evaluate_grid(cfg, out, methods, seeds, ref_cfg)
     write_outputs(cfg, out, methods, seeds, results, train_seconds, time.time() - t0)
@@ -257,7 +304,9 @@ def run_grid(cfg: CompareConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def _evaluate_run(cfg: CompareConfig, model_dir: str, ref_cfg, cache: Path, seed: int) -> dict:
+def _evaluate_run(cfg: CompareConfig, model_dir: str, ref_cfg, cache: Path, seed: int,
+                  split: str = "test") -> dict:
+    """avg@k / pass@k of one model on the test problems (the table) or the validation problems (sweeps)."""
     if cache.is_file():
         return json.loads(cache.read_text())
     import torch
@@ -270,11 +319,24 @@ def _evaluate_run(cfg: CompareConfig, model_dir: str, ref_cfg, cache: Path, seed
         raise UserError("compare evaluates on a built-in task: set data.prompts=task:<name> in the grid's base")
     task, max_new = resolve_task(prompts.split(":", 1)[1])
     model, tok = load_eval_model(model_dir)
-    res = evaluate(model, tok, task_examples(task, "heldout", cfg.eval_n, seed=12_345), task, k=cfg.eval_k,
-                   temperature=cfg.eval_temperature, max_new_tokens=max_new, seed=seed, keep_records=False)
+    examples = (task_examples(task, "heldout", cfg.eval_n, seed=TEST_SEED) if split == "test"
+                else validation_examples(task, cfg.eval_n))
+    res = evaluate(model, tok, examples, task, k=cfg.eval_k, temperature=cfg.eval_temperature,
+                   max_new_tokens=max_new, seed=seed, keep_records=False)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(res))
     return res
+
+
+def validation_scores(cfg: CompareConfig, out: Path, m: Method, ref_cfg, pool) -> dict:
+    """{str(value): validation avg@k} of a swept method's seed-0 runs (failed runs left out)."""
+    def one(v):
+        rd = _run_dir(out, m.name, 0, m, v)
+        if not (rd / "final").is_dir():
+            return str(v), None
+        return str(v), _evaluate_run(cfg, str(rd / "final"), ref_cfg, rd / "validation.json", 0, "validation")["avg@k"]
+
+    return {v: a for v, a in pool.map(one, m.sweep.values) if a is not None}
 
 
 def evaluate_grid(cfg: CompareConfig, out: Path, methods: list[Method], seeds: int, ref_cfg) -> dict:
@@ -284,7 +346,7 @@ def evaluate_grid(cfg: CompareConfig, out: Path, methods: list[Method], seeds: i
     jobs = []
     for m in methods:
         for s in range(seeds):
-            rd = _run_dir(out, m.name, s)
+            rd = _run_dir(out, m.name, s, m) if m.kind != "none" else _run_dir(out, m.name, s)
             model = ref_cfg.model.student if m.kind == "none" else str(rd / "final")
             if m.kind != "none" and not (rd / "final").is_dir():
                 continue  # failed run: reported in the table as missing
@@ -347,7 +409,9 @@ def write_outputs(cfg: CompareConfig, out: Path, methods: list[Method], seeds: i
                                                               "cache_hit_rate")}
         (a, ai), (p, pi) = mean_ci(col["avg@k"]), mean_ci(col["pass@k"])
         fmt = lambda x: "-" if x != x else f"{x:.3g}"  # noqa: E731
-        rows.append([m.name, f"{100 * a:.1f} ± {100 * ai:.1f}", f"{100 * p:.1f} ± {100 * pi:.1f}",
+        choice = read_choice(out, m.name) if m.sweep is not None else None
+        shown = m.name if choice is None else f"{m.name} ({choice['key']}={choice['value']})"
+        rows.append([shown, f"{100 * a:.1f} ± {100 * ai:.1f}", f"{100 * p:.1f} ± {100 * pi:.1f}",
                      fmt(mean_ci(col["length"])[0]), fmt(mean_ci(col["grad_norm_final"])[0]),
                      fmt(mean_ci(col["grad_norm_max"])[0]), fmt(mean_ci(col["wall_s"])[0]),
                      fmt(mean_ci(col["teacher_tokens"])[0]), f"{len(per)}/{seeds}"]
@@ -360,7 +424,12 @@ def write_outputs(cfg: CompareConfig, out: Path, methods: list[Method], seeds: i
             f"{cfg.eval_temperature}; mean ± 95% CI over seeds. This invocation: training wall time "
             f"{train_s / 60:.1f} min, total {total_s / 60:.1f} min (parallel={cfg.parallel}, threads/run="
             f"{cfg.threads}; finished runs and cached evals are reused, not re-timed).")
-    (out / "results.md").write_text(f"# opdkit compare\n\n`{cmd}`\n\n{note}\n\n{table}\n")
+    sweeps = [f"- {m.name}: {describe(read_choice(out, m.name), k)}" for m in methods if m.sweep is not None]
+    if sweeps:
+        note += (" Swept methods ran seed 0 once per value; the value with the best validation avg@k (held-out "
+                 "problems that are not the test problems) was used for every seed.")
+    sweep_md = ("\n\nSweeps (validation split):\n\n" + "\n".join(sweeps)) if sweeps else ""
+    (out / "results.md").write_text(f"# opdkit compare\n\n`{cmd}`\n\n{note}{sweep_md}\n\n{table}\n")
     with open(out / "results.csv", "w", newline="") as fh:
         fields = ["method", "seed", "avg@k", "pass@k", "length", "grad_norm_final", "grad_norm_max", "wall_s",
                   "teacher_tokens", "cache_hit_rate", "run_dir"]
@@ -369,7 +438,8 @@ def write_outputs(cfg: CompareConfig, out: Path, methods: list[Method], seeds: i
         w.writerows(csv_rows)
     runs = {m.name: [r["run_dir"] for r in results.get(m.name, {}).values()] for m in methods if m.kind != "none"}
     images = plot_compare({k2: v for k2, v in runs.items() if v}, out / "plots")
-    write_html(out / "report.html", "opdkit compare", [("Setup", note), ("Command", f"<code>{cmd}</code>")], images,
+    write_html(out / "report.html", "opdkit compare", [("Setup", note), ("Command", f"<code>{cmd}</code>")]
+               + ([("Sweeps", "\n".join(sweeps))] if sweeps else []), images,
                [("Results", header, rows)])
     print(table)
     print(f"\nwrote {out}/results.md, results.csv, plots/, report.html")

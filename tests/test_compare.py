@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import yaml
@@ -61,4 +62,55 @@ def test_bad_grid_is_one_line_exit_2(tmp_path, capsys):
     assert main([str(bad), f"out_dir={tmp_path / 'o'}"]) == 2
     err = [e for e in capsys.readouterr().err.splitlines() if e.strip()]
     assert len(err) == 3 and all(e.startswith("opdkit: error:") for e in err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_swept_baseline_is_chosen_on_validation_problems_not_the_test_problems(tmp_path):
+    pair = make_pair(tmp_path / "pair")
+    base = [o for o in base_overrides(pair, tmp_path / "unused", steps=2) if not o.startswith(("run_dir=", "progress="))]
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"base": base, "seeds": 2, "methods": [
+        {"name": "vanilla", "overrides": []},
+        {"name": "sft_teacher_samples", "kind": "sft", "match": "vanilla", "sweep": {"optim.lr": [1e-2, 1e-4]}},
+    ]}))
+    out = tmp_path / "cmp"
+    assert main([str(grid), f"out_dir={out}", "eval_n=4", "eval_k=2", "parallel=2"]) == 0
+    sweep = out / "runs" / "sft_teacher_samples" / "sweep"
+    choice = json.loads((sweep / "chosen.json").read_text())
+    scores = choice["validation_avg@k"]
+    assert set(scores) == {"0.01", "0.0001"}
+    assert choice["value"] == max([1e-2, 1e-4], key=lambda v: (scores[str(v)], -[1e-2, 1e-4].index(v)))
+    chosen = sweep / f"optim.lr={choice['value']}"
+    other = sweep / f"optim.lr={1e-4 if choice['value'] == 1e-2 else 1e-2}"
+    # seed 0 ran for both values (scored on validation), seed 1 only for the chosen one; the table uses the chosen
+    assert (chosen / "seed0" / "validation.json").is_file() and (other / "seed0" / "validation.json").is_file()
+    assert (chosen / "seed1" / "final").is_dir() and not (other / "seed1").exists()
+    assert yaml.safe_load((chosen / "seed1" / "config.yaml").read_text())["optim"]["lr"] == choice["value"]
+    rows = [r for r in csv.DictReader(open(out / "results.csv")) if r["method"] == "sft_teacher_samples"]
+    assert {r["run_dir"] for r in rows} == {str(chosen / "seed0"), str(chosen / "seed1")}
+    md = (out / "results.md").read_text()
+    assert f"sft_teacher_samples (optim.lr={choice['value']})" in md and "validation avg@2" in md
+
+
+def test_validation_problems_are_disjoint_from_the_test_problems():
+    from opdkit.compare_sweep import TEST_SEED, validation_examples
+    from opdkit.specs import resolve_task, task_examples
+
+    task, _ = resolve_task("addition")
+    val = validation_examples(task, 50)
+    test = task_examples(task, "heldout", 50, seed=TEST_SEED)
+    assert len(val) == 50 and not {e.prompt for e in val} & {e.prompt for e in test}
+    assert all(e.meta["split"] == "heldout" for e in val)
+    assert [e.prompt for e in validation_examples(task, 50)] == [e.prompt for e in val]
+
+
+@pytest.mark.parametrize("sweep,msg", [({"optim.lr": [1e-3]}, "at least 2 distinct"),
+                                       ({"optim.lr": [1e-3, 1e-4], "steps": [1, 2]}, "one knob"),
+                                       ({"optim.lr": ["a/b", "c"]}, "directory names")])
+def test_bad_sweep_is_one_line_exit_2(tmp_path, capsys, sweep, msg):
+    bad = tmp_path / "g.yaml"
+    bad.write_text(yaml.safe_dump({"methods": [{"name": "a", "sweep": sweep}]}))
+    assert main([str(bad), f"out_dir={tmp_path / 'o'}"]) == 2
+    err = [e for e in capsys.readouterr().err.splitlines() if e.strip()]
+    assert len(err) == 1 and msg in err[0]
     assert not (tmp_path / "o").exists()

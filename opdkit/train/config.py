@@ -313,6 +313,9 @@ class OptimConfig:
     max_skipped_steps: int = h("a step whose loss or gradient norm is not finite is skipped (weights and optimizer "
                                "state untouched, logged); after this many in a row the run stops with a checkpoint "
                                "of the last finite weights (exit code 3)", default=10)
+    fused_loss: str = h("full-vocabulary reverse/forward KL and JSD from hidden states, chunk by chunk with the "
+                        "closed-form gradient (never [B, T, V]): auto (where exact, one process, vocabulary >= 1024), "
+                        "on (or a one-line error why not), off (generic autograd path)", default="auto")
 
     def __post_init__(self) -> None:
         _range("optim", "lr", self.lr, 0.0, 1.0, lo_open=True)
@@ -325,6 +328,7 @@ class OptimConfig:
         _pos_int("optim", "micro_batch_size", self.micro_batch_size)
         _pos_int("optim", "ppo_epochs", self.ppo_epochs)
         _pos_int("optim", "max_skipped_steps", self.max_skipped_steps)
+        _choice("optim", "fused_loss", self.fused_loss, ("auto", "on", "off"))
 
 
 @dataclass

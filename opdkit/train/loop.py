@@ -50,6 +50,7 @@ from opdkit.train import setup
 from opdkit.checkpoint import latest_checkpoint, load_checkpoint, run_min_bytes, save_checkpoint, save_model_dir
 from opdkit.checkpoint_dcp import save_sharded_checkpoint
 from opdkit.train.config import TrainConfig
+from opdkit.train.student_pass import student_inputs, use_fused
 from opdkit.report.plots import plot_run, reward_histogram
 from opdkit.train.logging import check_free_space, check_run_dir, create_run_dir, owned_bytes, Progress
 from opdkit.train.rollouts import StepBatches, sampling_spec, stale_rows, step_seed
@@ -70,6 +71,7 @@ class Models:
     pad_id: int
     masked_ids: list[int]
     dist: Dist = field(default_factory=Dist)  # world 1 without torchrun
+    fused: bool = False  # optim.fused_loss resolved for this objective and model (train/student_pass.py)
 
 
 # ----------------------------------------------------------------------------------------------- update
@@ -86,10 +88,9 @@ def update(cfg: TrainConfig, m: Models, opt, sched, batch: RolloutBatch, signal,
     B, mb, T = batch.batch_size, cfg.optim.micro_batch_size, batch.response_len
     pos_BL = batch.position_ids_BL()
 
-    def student_rows(rows):  # column P-1+t predicts response token t
-        out = m.student(input_ids=batch.input_ids_BL[rows], attention_mask=batch.attention_mask_BL[rows],
-                        position_ids=pos_BL[rows], logits_to_keep=T + 1)
-        return {"logits_BTV": out.logits[:, :-1]}
+    def student_rows(rows):  # logits, or hidden states + lm_head for the fused path (optim.fused_loss)
+        return student_inputs(m.student, batch.input_ids_BL[rows], batch.attention_mask_BL[rows], pos_BL[rows], T,
+                              m.fused)
 
     terms, spans, mask_all_BT = global_batch_terms(dist, obj, signal, old_lp_BT, mask_BT, task_rewards_B)
     adv_BT, metrics = terms.advantages_BT, terms.metrics
@@ -125,7 +126,7 @@ def update(cfg: TrainConfig, m: Models, opt, sched, batch: RolloutBatch, signal,
                 task_rewards_B=None if terms.task_rewards_B is None else terms.task_rewards_B[rows],
                 behaviour_logprobs_BT=None if behaviour_logprobs_BT is None else behaviour_logprobs_BT[rows],
                 is_truncation=cfg.rollout.is_truncation,
-                selected_BT=None if selected_BT is None else selected_BT[rows])
+                selected_BT=None if selected_BT is None else selected_BT[rows], fused=m.fused)
             loss = aggregate(per.loss_BT, per.mask_BT, obj.aggregation, num_tokens=n_tokens, num_sequences=n_seqs)
             loss.backward()
             loss_total += loss.item()
@@ -282,6 +283,7 @@ def _setup_and_train(cfg: TrainConfig, dist: Dist) -> dict:
 def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: TeacherRequest) -> dict:
     student, tok, teacher, dist = m.student, m.tokenizer, m.teacher, m.dist
     chash = config_hash(cfg, exclude=RESUMABLE_KNOBS)
+    m.fused = use_fused(cfg.optim.fused_loss, cfg.objective, student, dist.distributed)  # `on` refused: nothing written
     # -- run dir: checked, then the checkpoint to resume from loaded and the free space checked, and only then
     #    written (issue #14: bad input leaves the file system unchanged); by rank 0 under torchrun
     run_dir = on_main(dist, lambda: check_run_dir(cfg.run_dir, chash, resume=cfg.resume, overwrite=cfg.overwrite,
@@ -315,6 +317,7 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
     summary: dict = {"run_dir": str(run_dir), "start_step": start, "teacher": teacher.describe()}
     if hasattr(teacher, "dtype"):  # teacher.dtype=auto depends on the machine: the summary says what it chose
         summary["teacher_dtype"] = str(teacher.dtype).removeprefix("torch.")
+    summary["fused_loss"] = m.fused  # optim.fused_loss=auto: which update path it chose
 
     def checkpoint(done: int) -> Path:
         sidecar = None
