@@ -1,5 +1,5 @@
 """`opdkit <command> ...`: train | sft | eval | compare (each takes `[config.yaml] key=value ...`; `--help` lists
-knobs) | plot <run_dir>."""
+knobs) | bench [--workload ...] | plot <run_dir>."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ COMMANDS = {
     "sft": ("opdkit.train.sft", "supervised fine-tuning on prompt/completion pairs (cold start; make a teacher)"),
     "eval": ("opdkit.eval.run", "avg@k / pass@k / response length of a model on a task or dataset"),
     "compare": ("opdkit.compare", "a grid of methods x seeds -> results table, plots, HTML report"),
+    "bench": ("opdkit.bench.run", "time fixed OPD workloads per phase (generate / score / update), optionally side by "
+                                  "side with TRL (docs/performance.md)"),
     "plot": ("opdkit.report.plots", "redraw the plots of a run dir (train or sft; also a killed run) from its "
                                     "metrics.jsonl"),
 }
