@@ -142,13 +142,25 @@ class StepData:
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else eos
         device = next(self.teacher.parameters()).device
         gen = torch.Generator(device=device).manual_seed(mix_seed(self.seed, step, 3))
-        rb = generate(self.teacher, prompts, n_samples=1, max_new_tokens=self.max_new_tokens,
-                      temperature=self.temperature, top_p=self.top_p, eos_token_ids=eos, pad_token_id=pad,
-                      generator=gen)
+        if self.task is not None and getattr(self.task, "multi_turn", False):  # tool task: the teacher's episodes
+            from opdkit.rollout.base import SamplingSpec
+            from opdkit.rollout.hf import HFRollout
+            from opdkit.rollout.multiturn import MultiTurnRollout
+
+            exs, _ = self.step_examples(step)
+            spec = SamplingSpec(max_new_tokens=self.max_new_tokens, eos_ids=(eos,), pad_id=pad,
+                                temperature=self.temperature, top_p=self.top_p)
+            rb = MultiTurnRollout(HFRollout(self.teacher), self.task.make_env, self.tok,
+                                  max_turns=self.task.max_turns).sample(prompts, spec, records=exs, generator=gen)
+        else:
+            rb = generate(self.teacher, prompts, n_samples=1, max_new_tokens=self.max_new_tokens,
+                          temperature=self.temperature, top_p=self.top_p, eos_token_ids=eos, pad_token_id=pad,
+                          generator=gen)
         seqs = []
         for b, p in enumerate(prompts):
             n = int(rb.eos_mask_BT[b].sum())
             resp = rb.response_ids_BT[b, :n].tolist()
-            seqs.append(Sequence_(list(p) + resp, [0] * len(p) + [1] * n))
+            # targets: the teacher's own tokens (a tool task's environment outputs stay context)
+            seqs.append(Sequence_(list(p) + resp, [0] * len(p) + rb.response_mask_BT[b, :n].tolist()))
         return seqs, {"teacher_tokens": int(rb.eos_mask_BT.sum()), "perturbed": 0,
                       "teacher_finished": float(rb.finished_B.float().mean())}

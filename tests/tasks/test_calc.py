@@ -75,3 +75,28 @@ def test_sft_masks_the_environment_outputs():
         assert context == "".join(ex.completion[a:b] for a, b in ex.meta["env_spans"])
         assert targets == "[{a}*{b}][{p}+{c}]=> {r}\n".format(p=ex.meta["a"] * ex.meta["b"], r=ex.answer, **ex.meta)
         assert s.mask[-1] == 1  # EOS is a target
+
+
+def test_sft_on_teacher_episodes_masks_the_environment_outputs():
+    from opdkit.models import tiny_llama
+    from opdkit.train.sft_data import StepData
+
+    t = get_task("calc")
+    tok = build_char_tokenizer([t.alphabet])
+    teacher = tiny_llama(len(tok), seed=0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    data = StepData(tokenizer=tok, batch_size=8, seed=0, task=t, teacher=teacher, max_new_tokens=40)
+    seqs, info = data.batch(0)
+    exs, prompts = data.step_examples(0)
+    n_env = 0
+    for s, ex, p in zip(seqs, exs, prompts):
+        env, runs = t.make_env(ex), []  # (is_target, text) runs of the response
+        for i, m in zip(s.ids[len(p):], s.mask[len(p):]):
+            if runs and runs[-1][0] == m:
+                runs[-1][1] += tok.decode([i])
+            else:
+                runs.append([m, tok.decode([i])])
+        for k, (m, text) in enumerate(runs):
+            if not m:  # every non-target run is exactly the calculator's answer to the policy turn before it
+                assert k > 0 and env.step(runs[k - 1][1]).observation == text
+                n_env += 1
+    assert n_env > 0 and info["teacher_tokens"] == sum(len(s.ids) - len(p) for s, p in zip(seqs, prompts))
