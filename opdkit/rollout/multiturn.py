@@ -56,8 +56,9 @@ class _Row:
 
 
 class MultiTurnRollout:
-    """A multi-turn rollout around `inner` (any `Rollout`: HFRollout, VLLMRollout). `env_for(record) -> Env` makes
-    one env per row (episode); `tokenizer` encodes observations and stop strings and decodes turns."""
+    """A multi-turn rollout around `inner` (a `Rollout`; tested with HFRollout; a VLLMRollout goes through the same
+    calls but has not been run with episodes). `env_for(record) -> Env` makes one env per row (episode);
+    `tokenizer` encodes observations and stop strings and decodes turns."""
 
     def __init__(self, inner, env_for: Callable[[Any], Any], tokenizer, *, max_turns: int):
         if not isinstance(max_turns, int) or max_turns < 1:
