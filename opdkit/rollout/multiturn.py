@@ -103,6 +103,11 @@ class MultiTurnRollout:
                 if len(enc) != 1:
                     raise UserError(f"env {_name(env)!r}: stop string {s!r} is {len(enc)} tokens of the policy's "
                                     "tokenizer; a turn can only stop on a single token: use a one-token stop string")
+                unk = getattr(self.tok, "unk_token_id", None)
+                if unk is not None and int(enc[0]) == unk:
+                    raise UserError(f"env {_name(env)!r}: stop string {s!r} is not in the policy's vocabulary (it "
+                                    "encodes to the unknown token); use a student/tokenizer made for the task (the "
+                                    "calc task: scripts/make_tool_task.py)")
                 ids.append(int(enc[0]))
             self._stop_cache[stop] = ids
         return self._stop_cache[stop]

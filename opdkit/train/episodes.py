@@ -25,6 +25,17 @@ def check_multi_turn(cfg, source) -> None:
                         "not know the environment's tokens); use a teacher with the student's tokenizer")
 
 
+def check_env_tokens(source, tokenizer) -> None:
+    """The env's stop strings are single known tokens of the student's tokenizer (checked on one record's env
+    before the run dir is written; every env of a built-in task has the same stop strings)."""
+    if source.env_for is None:
+        return
+    import random
+
+    rec = (source.eval_records or source.draw(random.Random(0), 1))[0]
+    MultiTurnRollout(None, source.env_for, tokenizer, max_turns=1)._stop_ids(source.env_for(rec))
+
+
 def wrap(rollout, source, tokenizer, cfg):
     """`rollout` itself for a single-turn source; a `MultiTurnRollout` around it for a tool task."""
     if source.env_for is None:

@@ -265,6 +265,7 @@ def _setup_and_train(cfg: TrainConfig, dist: Dist) -> dict:
     frozen = setup.frozen_self_teacher(cfg, student)  # OPSD's frozen teacher: the initial weights, before LoRA
     student = setup.maybe_lora(student, cfg.model)
     eos, pad, masked = stop_ids(student, tok, cfg.rollout.masked_tokens)
+    episodes.check_env_tokens(source, tok)  # a tool task's stop strings: one known token each
     setup.check_vocab_knobs(cfg, student)  # objective.top_k / rollout.top_k above the vocabulary
     for note in setup.check_prompts(cfg, source, tok, cfg.seed):  # all prompts too long -> UserError; <unk> chars
         if dist.is_main:

@@ -157,6 +157,13 @@ def test_multi_token_stop_string_is_refused():
     with pytest.raises(UserError, match=r"stop string '\]\]' is 2 tokens"):
         mt.sample([[1]], spec(), records=recs)
 
+    class Env3(Raising):
+        stop = ("#",)  # not a character of the calc alphabet: the unknown token
+
+    mt = MultiTurnRollout(Scripted(["[1+1]"], 1), lambda r: Env3(), TOK, max_turns=2)
+    with pytest.raises(UserError, match=r"stop string '#' is not in the policy's vocabulary"):
+        mt.sample([[1]], spec(), records=recs)
+
 
 class OneTurn:
     name = "single"

@@ -100,7 +100,10 @@ def test_knobs_a_tool_task_refuses(calc_pair, pair, tmp_path):
         loop.train(load_config(TrainConfig, None, calc_overrides(calc_pair, tmp_path / "b", "rollout.gkd_lambda=0.5")))
     with pytest.raises(UserError, match="rollout.max_turns=0 must be an integer >= 1"):
         load_config(TrainConfig, None, calc_overrides(calc_pair, tmp_path / "c", "rollout.max_turns=0"))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # a student whose tokenizer lacks the tool call's stop token (the addition pair on task:calc)
+    with pytest.raises(UserError, match="stop string '\\]' is not in the policy's vocabulary"):
+        loop.train(load_config(TrainConfig, None, calc_overrides(pair, tmp_path / "d")))
+    assert not any((tmp_path / d).exists() for d in "abd")
 
 
 @pytest.mark.parametrize("objective", [["objective.estimator=full"],
