@@ -73,6 +73,18 @@ def _scorer(checker_or_task) -> Callable[[str, Any], float]:
     return score
 
 
+def _multi_turn(model, checker_or_task, tokenizer):
+    """A multi-turn task (`Task.multi_turn`, e.g. calc): the episode rollout around the model (None otherwise); the
+    response length limit is then the whole episode's (policy and environment tokens)."""
+    from opdkit.rollout.hf import HFRollout
+    from opdkit.rollout.multiturn import MultiTurnRollout
+    from opdkit.tasks import Task
+
+    if not (isinstance(checker_or_task, Task) and getattr(checker_or_task, "multi_turn", False)):
+        return None
+    return MultiTurnRollout(HFRollout(model), checker_or_task.make_env, tokenizer, max_turns=checker_or_task.max_turns)
+
+
 def _prompt_ids(examples, tokenizer) -> list[list[int]]:
     from opdkit.data.prompts import prompt_to_ids
     from opdkit.tasks import format_prompt
@@ -131,11 +143,21 @@ def evaluate(
     gen = torch.Generator(device=device).manual_seed(int(seed))
     responses: list[list[str]] = []
     lengths: list[list[int]] = []
+    env_scores: list[list[float]] = []  # a multi-turn (tool) task: each episode's reward from its env
     truncated = 0
+    multi = _multi_turn(model, checker_or_task, tokenizer)
     for s in range(0, len(prompts), batch_size):
-        rb = generate(model, prompts[s:s + batch_size], n_samples=gen_n, max_new_tokens=int(max_new_tokens),
-                      temperature=float(temperature), top_p=top_p, eos_token_ids=eos, pad_token_id=pad,
-                      generator=gen)
+        if multi is not None:
+            from opdkit.rollout.base import SamplingSpec
+
+            spec = SamplingSpec(max_new_tokens=int(max_new_tokens), eos_ids=tuple(eos), pad_id=pad, n=gen_n,
+                                temperature=float(temperature), top_p=top_p)
+            rb = multi.sample(prompts[s:s + batch_size], spec, records=list(examples[s:s + batch_size]),
+                              generator=gen)
+        else:
+            rb = generate(model, prompts[s:s + batch_size], n_samples=gen_n, max_new_tokens=int(max_new_tokens),
+                          temperature=float(temperature), top_p=top_p, eos_token_ids=eos, pad_token_id=pad,
+                          generator=gen)
         ids, mask, fin = rb.response_ids_BT, rb.eos_mask_BT, rb.finished_B
         for b in range(0, ids.shape[0], gen_n):
             texts, lens = [], []
@@ -151,11 +173,14 @@ def evaluate(
                 texts, lens = texts * n_samples, lens * n_samples
             responses.append(texts)
             lengths.append(lens)
+            if multi is not None:
+                got = rb.env_rewards_B[b:b + gen_n].tolist()
+                env_scores.append(got * n_samples if greedy else got)
         if progress is not None:
             progress(min(s + batch_size, len(prompts)), len(prompts))
     records, groups = [], {}
-    for ex, texts, lens in zip(examples, responses, lengths):
-        scores = [score(t, ex) for t in texts]
+    for i, (ex, texts, lens) in enumerate(zip(examples, responses, lengths)):
+        scores = env_scores[i] if multi is not None else [score(t, ex) for t in texts]
         task = (ex.meta or {}).get("task") or "data"
         rec = {"prompt": ex.prompt, "answer": ex.answer, "task": task, "responses": texts, "scores": scores,
                "lengths": lens}

@@ -19,7 +19,7 @@ TRANSFORMS = ("none", "clip", "tanh", "zscore", "signmaxabs")
 PG_FORMS = ("reinforce", "ppo")
 ENTROPY_SOURCES = ("student", "teacher")
 ENTROPY_SCOPES = ("batch", "sample")
-RETURNS_AT_MASK = ("carry", "restart")
+RETURNS_AT_MASK = ("carry", "restart", "skip")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "sum")
 
 
@@ -119,7 +119,8 @@ class ObjectiveConfig:
     returns_at_mask: str = h(
         "sampled, gamma > 0: what the reward-to-go does at a masked position inside a sequence: carry (it gives 0 "
         "reward and the return runs through it, discounted one step) or restart (the return is cut there, as in "
-        "Revisiting OPD's code, which resets its running return where the response mask is 0)",
+        "Revisiting OPD's code, which resets its running return where the response mask is 0) or skip (it is no step: "
+        "the discount counts valid tokens only, e.g. a multi-turn episode's policy tokens, docs/agents.md)",
         default="carry",
     )
     # 5. policy-gradient form

@@ -92,6 +92,9 @@ def discounted_returns(reward_BT: Tensor, mask_BT: Tensor, gamma: float, at_mask
     restart: the return is cut there, A_t sums r_k over t <= k < the next masked position only. This is Revisiting
              OPD's `compute_opd_advantage` (core_algos.py), which multiplies its running return by the response
              mask after each step ("Reset after EOS"), so it restarts at every hole of the mask.
+    skip:    it is not a step at all: the return passes it unchanged, so A_t = sum over the VALID k >= t of
+             gamma^(number of valid tokens in (t, k]) r_k: the credit of a multi-turn episode over the policy's
+             tokens only (the environment's tokens are masked holes; docs/agents.md).
 
     The two agree when each sequence's valid tokens are contiguous (a response up to EOS)."""
     m = mask_BT.to(reward_BT.dtype)
@@ -101,7 +104,10 @@ def discounted_returns(reward_BT: Tensor, mask_BT: Tensor, gamma: float, at_mask
     out = torch.zeros_like(r)
     running = r.new_zeros(r.shape[0])
     for t in range(r.shape[1] - 1, -1, -1):
-        running = r[:, t] + gamma * running
+        if at_mask == "skip":
+            running = torch.where(m[:, t] > 0, r[:, t] + gamma * running, running)
+        else:
+            running = r[:, t] + gamma * running
         out[:, t] = running
         if at_mask == "restart":
             running = running * m[:, t]

@@ -10,6 +10,10 @@ Prompts are left-padded to a common length P (= `prompt_len`), responses start a
 to T. Position ids come from the attention-mask cumsum (`position_ids_from_mask`), so left padding does not shift
 positions. Per-row metadata: the prompt record each row answers (`records_B`: what a self-teacher puts in its
 privileged prompt, what a router reads its key from), and the policy version that sampled it (`policy_version_B`).
+Multi-turn episodes (`opdkit.rollout.multiturn`) keep this layout: the response region holds the policy's turns
+AND the environment's observations in order, all attended; `env_mask_BT` marks the observation tokens, which are
+outside `response_mask_BT` (never in the loss) and get log-prob 0; `env_rewards_B` holds each episode's reward.
+Single-turn batches have `env_mask_BT = env_rewards_B = None`.
 `rows(idx)` selects rows, `RolloutBatch.cat(parts)` joins batches (padding prompts on the left, responses on the
 right), so routers and caches can split a batch and join the results.
 """
@@ -82,6 +86,8 @@ class RolloutBatch:
     finished_B: torch.Tensor  # True where the row emitted EOS (False: cut at max_new_tokens)
     records_B: list[Any] | None = None  # the prompt record of each row (PromptRecord), when the caller attached them
     policy_version_B: torch.Tensor | None = None  # the student version (optimizer steps) that sampled each row
+    env_mask_BT: torch.Tensor | None = None  # multi-turn: 1 on environment (observation) tokens, None: single-turn
+    env_rewards_B: torch.Tensor | None = None  # multi-turn: each episode's final reward (Env.reward())
 
     @property
     def batch_size(self) -> int:
@@ -143,4 +149,10 @@ class RolloutBatch:
         out["records_B"] = None if any(r is None for r in recs) else [x for r in recs for x in r]
         vers = [p.policy_version_B for p in parts]
         out["policy_version_B"] = None if any(v is None for v in vers) else torch.cat(vers)
+        if any(p.env_mask_BT is not None for p in parts):  # a single-turn part has no environment tokens
+            out["env_mask_BT"] = torch.cat([_pad_cols(p.env_mask_BT if p.env_mask_BT is not None
+                                                      else torch.zeros_like(p.eos_mask_BT), 0, T - p.response_len, 0)
+                                            for p in parts])
+        rew = [p.env_rewards_B for p in parts]
+        out["env_rewards_B"] = None if any(r is None for r in rew) else torch.cat(rew)
         return RolloutBatch(**out)

@@ -1,7 +1,7 @@
 """Verifiable tasks and data for on-policy distillation.
 
-* Built-in synthetic tasks (:class:`Addition` ``"addition"``, :class:`ArithChain` ``"arith_chain"``): seeded,
-  unlimited generators with a hash-based train/held-out split, exact verifiers and perturbed-prefix completions.
+* Built-in synthetic tasks (:class:`Addition` ``"addition"``, :class:`ArithChain` ``"arith_chain"``; :class:`Calc`
+  ``"calc"``, a multi-turn tool task with an :class:`Env`, ``opdkit.tasks.env``): seeded, unlimited generators with a hash-based train/held-out split, exact verifiers and perturbed-prefix completions.
 * :func:`load_examples`: user datasets from local JSONL files or ``save_to_disk`` directories.
 * :func:`get_checker`: answer checkers for user data (``math_verify``, ``marker:<TEXT>``, ``py:<module>:<function>``).
 * :func:`build_char_tokenizer`: a character-level Hugging Face tokenizer.
@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from .addition import Addition
 from .arith_chain import ArithChain
+from .calc import Calc
 from .base import ANSWER_MARKER, SPLITS, Example, Perturbation, Task, extract_answer, split_of
 from .checkers import Checker, get_checker
+from .env import Env, EnvStep
 from .data import DatasetError, format_prompt, load_examples
 from .tokenizer import SPECIAL_TOKENS, build_char_tokenizer
 from .word_arith import WordArith
@@ -26,6 +28,9 @@ __all__ = [
     "TASKS",
     "Addition",
     "ArithChain",
+    "Calc",
+    "Env",
+    "EnvStep",
     "Checker",
     "DatasetError",
     "Example",
@@ -40,7 +45,7 @@ __all__ = [
     "split_of",
 ]
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Addition, ArithChain, WordArith)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Addition, ArithChain, WordArith, Calc)}
 
 
 def get_task(name: str, **kwargs) -> Task:

@@ -177,11 +177,16 @@ class RolloutConfig:
     seed_per_prompt: bool = h("seed every row's sampling by (step, prompt, sample) instead of one generator per "
                               "step: a prompt's samples then do not depend on the batch or rank that holds it "
                               "(always on under torchrun)", default=False)
+    max_turns: int | None = h("multi-turn (tool) tasks such as task:calc: policy turns per episode (default: the "
+                              "task's); rollout.max_new_tokens is then the budget of the whole episode (policy and "
+                              "environment tokens, docs/agents.md)", default=None)
     vllm: VLLMRolloutConfig = field(default_factory=VLLMRolloutConfig)
 
     def __post_init__(self) -> None:
         for name in ("prompts_per_step", "n_samples", "max_new_tokens"):
             _pos_int("rollout", name, getattr(self, name))
+        if self.max_turns is not None:
+            _pos_int("rollout", "max_turns", self.max_turns)
         _pos_int("rollout", "top_k", self.top_k, allow_zero=True)
         if self.temperature is not None:
             _range("rollout", "temperature", self.temperature, 0.0, 100.0, lo_open=True)

@@ -46,7 +46,7 @@ from opdkit.rollout import RolloutBatch
 from opdkit.rollout.base import stop_ids
 from opdkit.teacher import Teacher, TeacherRequest, check_serves
 from opdkit.teacher.cross_tokenizer import drop_unaligned
-from opdkit.train import setup
+from opdkit.train import episodes, setup
 from opdkit.checkpoint import latest_checkpoint, load_checkpoint, run_min_bytes, save_checkpoint, save_model_dir
 from opdkit.checkpoint_dcp import save_sharded_checkpoint
 from opdkit.train.config import TrainConfig
@@ -196,13 +196,15 @@ def evaluate_greedy(m: Models, source: setup.PromptSource, cfg: TrainConfig, bat
                                  use_chat_template=cfg.data.use_chat_template,
                                  max_prompt_tokens=cfg.data.max_prompt_tokens, on_too_long="truncate")
     spec = sampling_spec(cfg, m.eos_ids, m.pad_id, m.masked_ids).greedy(batch_size=64)
-    batch = batches.eval_sample(ids, spec, m.student)  # every rank samples (a rank without prompts: a dummy)
-    texts = decode(m, batch)
+    recs = [source.eval_records[i] for i in (mine or [0])]
+    recs = [recs[j] for j in report["kept_indices"]]
+    batch = batches.eval_sample(ids, spec, m.student, recs)  # every rank samples (a rank without prompts: a dummy)
+    scores = episodes.task_rewards(batch, decode(m, batch), recs, source.score).tolist()
     rows = []
-    for j, t, n in zip(report["kept_indices"], texts, batch.response_lengths_B.tolist(), strict=True):
+    for j, c, n in zip(report["kept_indices"], scores, batch.response_lengths_B.tolist(), strict=True):
         if mine:
             r = source.eval_records[mine[j]]
-            rows.append((mine[j], source.score(t, r), n, source.route_key(r)))
+            rows.append((mine[j], c, n, source.route_key(r)))
     rows = sorted(x for part in dist.gather(rows) for x in part)
     correct = [c for _, c, _, _ in rows]
     fin = batch.finished_B.tolist()[:len(report["kept_indices"])] if mine else []
@@ -256,6 +258,7 @@ def _setup_and_train(cfg: TrainConfig, dist: Dist) -> dict:
         cfg.rollout.seed_per_prompt = True  # what a torchrun run does: recorded so that a 1-process resume matches
     # Set-up: everything that can fail on bad input happens before the run dir is written.
     source = setup.prompt_source(cfg.data, cfg.seed)
+    episodes.check_multi_turn(cfg, source)  # a tool task: knobs it does not support, refused before any write
     if cfg.rollout.gkd_lambda < 1.0 and source.draw(random.Random(0), 1)[0].meta.get("completion") is None:
         raise UserError("rollout.gkd_lambda < 1 mixes in the dataset's reference responses: set "
                         "data.completion_field (built-in tasks have them)")
@@ -263,6 +266,7 @@ def _setup_and_train(cfg: TrainConfig, dist: Dist) -> dict:
     frozen = setup.frozen_self_teacher(cfg, student)  # OPSD's frozen teacher: the initial weights, before LoRA
     student = setup.maybe_lora(student, cfg.model)
     eos, pad, masked = stop_ids(student, tok, cfg.rollout.masked_tokens)
+    episodes.check_env_tokens(source, tok)  # a tool task's stop strings: one known token each
     setup.check_vocab_knobs(cfg, student)  # objective.top_k / rollout.top_k above the vocabulary
     for note in setup.check_prompts(cfg, source, tok, cfg.seed):  # all prompts too long -> UserError; <unk> chars
         if dist.is_main:
@@ -366,9 +370,7 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
                     batch, signal = drop_unaligned(batch, signal)
                     teacher_tokens += int(dist.sum(float(batch.eos_mask_BT.sum())))
                     t2 = time.perf_counter()
-                    texts = decode(m, batch)
-                    rewards_B = torch.tensor([source.score(t, r) for t, r in zip(texts, batch.records_B, strict=True)],
-                                             dtype=torch.float64)
+                    rewards_B = episodes.task_rewards(batch, decode(m, batch), batch.records_B, source.score)
                     task_rewards = rewards_B if cfg.task_reward else None
                     # 3-4. objective and update
                     metrics = update(cfg, m, opt, sched, batch, signal, task_rewards, behaviour_BT)

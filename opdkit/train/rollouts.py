@@ -147,7 +147,11 @@ class StepBatches:
         # or batch holds it. Always so under torchrun; single-process runs keep one generator per step (their
         # documented results) unless rollout.seed_per_prompt=true.
         self.per_row_seeds = self.dist.distributed or bool(cfg.rollout.seed_per_prompt)
-        self.rollout = build_rollout(cfg, student, tokenizer, version=start_step, dist=self.dist)
+        from opdkit.train import episodes
+
+        # a tool task (source.env_for): each policy turn is one call of the backend, env turns appended in between
+        self.rollout = episodes.wrap(build_rollout(cfg, student, tokenizer, version=start_step, dist=self.dist),
+                                     source, tokenizer, cfg)
         self.reference = ReferenceRollout(student, tokenizer) if cfg.rollout.gkd_lambda < 1.0 else None
         self.version = start_step
         self.producer = None
@@ -193,15 +197,18 @@ class StepBatches:
         else:
             self.rollout.load_weights(student, version)
 
-    def eval_sample(self, prompt_ids, spec: SamplingSpec, student) -> RolloutBatch:
-        """Greedy held-out rollouts with the CURRENT weights (the engine is synced first if it lags)."""
+    def eval_sample(self, prompt_ids, spec: SamplingSpec, student, records=None) -> RolloutBatch:
+        """Greedy held-out rollouts with the CURRENT weights (the engine is synced first if it lags); `records`:
+        the prompts' records (a multi-turn task makes each episode's env from its record)."""
         from opdkit.rollout.vllm import VLLMRollout
+        from opdkit.train import episodes
 
-        if isinstance(self.rollout, VLLMRollout):
+        recs = records if self.source.env_for is not None else None
+        if isinstance(getattr(self.rollout, "inner", self.rollout), VLLMRollout):
             def sample():
                 if self.rollout.version != self.version:
                     self.rollout.load_weights(student, self.version, force=True)
-                return self.rollout.sample(prompt_ids, spec)
+                return self.rollout.sample(prompt_ids, spec, records=recs)
             if self.producer is not None:
                 with self.producer.lock:
                     return sample()
@@ -209,7 +216,8 @@ class StepBatches:
         from opdkit.fsdp import unsharded
 
         with unsharded(student):
-            return HFRollout(student).sample(prompt_ids, spec)
+            return episodes.wrap(HFRollout(student), self.source, self.tok, self.cfg).sample(prompt_ids, spec,
+                                                                                           records=recs)
 
     def stats(self) -> dict:
         out = dict(self.rollout.stats())

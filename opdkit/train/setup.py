@@ -289,6 +289,8 @@ class PromptSource:
     route_key: Callable[[PromptRecord], str | None] = lambda r: None  # which teacher of teacher.routes (if any)
     train_records: list[PromptRecord] | None = None  # a dataset's rows (None: generated on the fly by a task)
     notes: list[str] = field(default_factory=list)  # set-up notices (a checker that scores no reference), printed
+    env_for: Callable[[PromptRecord], object] | None = None  # multi-turn tasks: the Env of a record's episode
+    max_turns: int | None = None  # multi-turn tasks: the tasks' policy-turn limit (rollout.max_turns overrides)
 
 
 def _record(ex, privileged_field: str | None = None, completion_field: str | None = None) -> PromptRecord:
@@ -374,8 +376,18 @@ def prompt_source(dcfg, seed: int) -> PromptSource:
             picks = [names[rng.randrange(len(names))] for _ in range(n)]
             return [_record(tasks[k].sample("train", n=1, seed=rng.randrange(2**31))[0]) for k in picks]
 
+        env_for, max_turns = None, None
+        if any(getattr(t, "multi_turn", False) for t in tasks.values()):  # a tool task: episodes with an Env
+            from opdkit.tasks.env import SingleTurnEnv
+
+            def env_for(r: PromptRecord):
+                t, ex = tasks[r.meta["task"]], r.meta["example"]
+                return t.make_env(ex) if getattr(t, "multi_turn", False) else SingleTurnEnv(lambda x: t.score(x, ex))
+
+            max_turns = max(int(getattr(t, "max_turns", 1)) for t in tasks.values())
         return PromptSource(draw, eval_records, lambda text, r: tasks[r.meta["task"]].score(text, r.meta["example"]),
-                            f"task {'+'.join(names)}", route_key=lambda r: r.meta.get("task"))
+                            f"task {'+'.join(names)}", route_key=lambda r: r.meta.get("task"), env_for=env_for,
+                            max_turns=max_turns)
 
     kw = dict(prompt_field=dcfg.prompt_field, answer_field=dcfg.answer_field, completion_field=dcfg.completion_field,
               messages_field=dcfg.messages_field)

@@ -8,7 +8,8 @@ Sources (one per run):
   `generate`, on the fly at every step; the generated tokens (incl. EOS) are the targets and are counted.
 
 A sequence is `prompt_to_ids(prompt)` (BOS + prompt, or the chat template) followed by the completion's tokens and
-EOS; the loss mask is 1 on completion tokens (and EOS) only, 0 on the prompt and on a perturbed step line.
+EOS; the loss mask is 1 on completion tokens (and EOS) only, 0 on the prompt, on a perturbed step line and on a tool
+task's environment outputs (`meta["env_spans"]`: in the context, not targets).
 """
 
 from __future__ import annotations
@@ -37,17 +38,16 @@ class Sequence_:
 
 
 def encode_pairs(tokenizer, prompts_ids: Sequence[list[int]], completions: Sequence[str],
-                 error_spans: Sequence[tuple[int, int] | None] | None = None) -> list[Sequence_]:
+                 error_spans: Sequence[tuple[int, int] | list[tuple[int, int]] | None] | None = None) -> list[Sequence_]:
     """Sequences prompt + completion + EOS; completion tokens overlapping an error span (character offsets into the
-    completion) get mask 0."""
+    completion; one span or a list of them, e.g. a tool task's environment outputs) get mask 0."""
     eos = tokenizer.eos_token_id
     enc = tokenizer(list(completions), add_special_tokens=False, return_offsets_mapping=True)
     out = []
     for i, (p_ids, c_ids) in enumerate(zip(prompts_ids, enc["input_ids"])):
         span = error_spans[i] if error_spans is not None else None
         mask = [1] * len(c_ids)
-        if span is not None:
-            lo, hi = span
+        for lo, hi in ([span] if isinstance(span, tuple) else span or []):
             for j, (a, b) in enumerate(enc["offset_mapping"][i]):
                 if a < hi and b > lo:
                     mask[j] = 0
@@ -130,9 +130,9 @@ class StepData:
                 completions.append(pert.completion)
                 spans.append((pert.error_start, pert.error_end))
                 n_pert += 1
-            else:
+            else:  # a tool task's reference transcript: the environment's outputs are context, not targets
                 completions.append(ex.completion)
-                spans.append(None)
+                spans.append([tuple(x) for x in ex.meta.get("env_spans", [])] if self.task is not None else None)
         return encode_pairs(self.tok, prompts, completions, spans), {"teacher_tokens": 0, "perturbed": n_pert}
 
     def _teacher_batch(self, step: int, prompts: list[list[int]]) -> tuple[list[Sequence_], dict[str, Any]]:
@@ -142,13 +142,25 @@ class StepData:
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else eos
         device = next(self.teacher.parameters()).device
         gen = torch.Generator(device=device).manual_seed(mix_seed(self.seed, step, 3))
-        rb = generate(self.teacher, prompts, n_samples=1, max_new_tokens=self.max_new_tokens,
-                      temperature=self.temperature, top_p=self.top_p, eos_token_ids=eos, pad_token_id=pad,
-                      generator=gen)
+        if self.task is not None and getattr(self.task, "multi_turn", False):  # tool task: the teacher's episodes
+            from opdkit.rollout.base import SamplingSpec
+            from opdkit.rollout.hf import HFRollout
+            from opdkit.rollout.multiturn import MultiTurnRollout
+
+            exs, _ = self.step_examples(step)
+            spec = SamplingSpec(max_new_tokens=self.max_new_tokens, eos_ids=(eos,), pad_id=pad,
+                                temperature=self.temperature, top_p=self.top_p)
+            rb = MultiTurnRollout(HFRollout(self.teacher), self.task.make_env, self.tok,
+                                  max_turns=self.task.max_turns).sample(prompts, spec, records=exs, generator=gen)
+        else:
+            rb = generate(self.teacher, prompts, n_samples=1, max_new_tokens=self.max_new_tokens,
+                          temperature=self.temperature, top_p=self.top_p, eos_token_ids=eos, pad_token_id=pad,
+                          generator=gen)
         seqs = []
         for b, p in enumerate(prompts):
             n = int(rb.eos_mask_BT[b].sum())
             resp = rb.response_ids_BT[b, :n].tolist()
-            seqs.append(Sequence_(list(p) + resp, [0] * len(p) + [1] * n))
+            # targets: the teacher's own tokens (a tool task's environment outputs stay context)
+            seqs.append(Sequence_(list(p) + resp, [0] * len(p) + rb.response_mask_BT[b, :n].tolist()))
         return seqs, {"teacher_tokens": int(rb.eos_mask_BT.sum()), "perturbed": 0,
                       "teacher_finished": float(rb.finished_B.float().mean())}

@@ -164,6 +164,22 @@ def test_discounted_returns_by_hand():
                                                                       dtype=DT))
 
 
+def test_discounted_returns_skip_counts_valid_tokens_only():
+    """skip: a masked hole (a multi-turn episode's environment tokens) is no step: the returns of a row with holes
+    equal those of the same row with the holes removed."""
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(3, 9, generator=g, dtype=DT)
+    m = torch.rand(3, 9, generator=g) < 0.6
+    out = discounted_returns(r, m, 0.7, "skip")
+    for b in range(3):
+        dense = discounted_returns(r[b, m[b]][None], torch.ones(1, int(m[b].sum()), dtype=torch.bool), 0.7)
+        torch.testing.assert_close(out[b, m[b]], dense[0])
+        assert bool((out[b, ~m[b]] == 0).all())
+    assert torch.allclose(discounted_returns(r[:1, :4], torch.tensor([[True, False, True, True]]), 0.5, "skip")[0, 0],
+                          r[0, 0] + 0.5 * r[0, 2] + 0.25 * r[0, 3])
+    assert not torch.allclose(out, discounted_returns(r, m, 0.7, "carry"))
+
+
 def test_entropy_selection_keeps_top_fraction():
     ent = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 0.8, 0.0]])
     m = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
