@@ -56,8 +56,8 @@ class _Row:
 
 
 class MultiTurnRollout:
-    """A multi-turn rollout around `inner` (a `Rollout`; tested with HFRollout; a VLLMRollout goes through the same
-    calls but has not been run with episodes). `env_for(record) -> Env` makes one env per row (episode);
+    """A multi-turn rollout around `inner` (a `Rollout`: HFRollout, or a VLLMRollout — tested against a real engine
+    with a toy env). `env_for(record) -> Env` makes one env per row (episode);
     `tokenizer` encodes observations and stop strings and decodes turns."""
 
     def __init__(self, inner, env_for: Callable[[Any], Any], tokenizer, *, max_turns: int):

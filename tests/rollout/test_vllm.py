@@ -154,3 +154,44 @@ def test_async_with_max_staleness_zero_equals_synchronous(tmp_path):
     rows = [r for r in _rows(tmp_path / "async1") if "loss" in r]
     assert rows[0]["staleness/max"] == 0 and max(r["staleness/max"] for r in rows) == 1
     assert any("is_weight/mean" in r for r in rows)
+
+
+class _LineEnv:
+    """A toy tool: every policy line ("\\n" ends a turn) is answered with "= 7\\n"; done after two observations."""
+
+    name, stop = "line_env", ("\n",)
+
+    def __init__(self):
+        self.turns = 0
+
+    def reset(self, record):
+        return None
+
+    def step(self, text):
+        from opdkit.tasks.env import EnvStep
+
+        self.turns += 1
+        return EnvStep("= 7\n", done=False) if self.turns <= 2 else EnvStep(None, done=True)
+
+    def reward(self):
+        return 1.0
+
+
+def test_multi_turn_episodes_through_vllm_equal_the_hf_rollout(vllm_student_rollout):
+    """MultiTurnRollout around the vLLM engine (one generation call per policy turn, the observations appended)
+    gives the HF-wrapped rollout's greedy episodes: the same tokens, environment masks and log-probs."""
+    from opdkit.rollout.multiturn import MultiTurnRollout
+
+    rollout, student, tok = vllm_student_rollout
+    prompts, _ = _prompts(tok, n=6)
+    eos, pad, _ = stop_ids(student, tok)
+    spec = SamplingSpec(max_new_tokens=60, eos_ids=tuple(eos), pad_id=pad).greedy()
+    recs = [None] * len(prompts)
+    a = MultiTurnRollout(rollout, lambda r: _LineEnv(), tok, max_turns=4).sample(prompts, spec, records=recs)
+    h = MultiTurnRollout(HFRollout(student), lambda r: _LineEnv(), tok, max_turns=4).sample(prompts, spec,
+                                                                                              records=recs)
+    assert a.env_mask_BT is not None and int(a.env_mask_BT.sum()) > 0  # observations were appended
+    for name in ("response_ids_BT", "env_mask_BT", "response_mask_BT", "eos_mask_BT", "finished_B"):
+        assert torch.equal(getattr(a, name), getattr(h, name)), name
+    assert (a.model_logprobs_BT - h.model_logprobs_BT).abs().max() < 1e-4
+    assert float(a.model_logprobs_BT[a.env_mask_BT.bool()].abs().max()) == 0.0  # env tokens: log-prob 0
