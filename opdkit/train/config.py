@@ -319,7 +319,7 @@ class OptimConfig:
                                "state untouched, logged); after this many in a row the run stops with a checkpoint "
                                "of the last finite weights (exit code 3)", default=10)
     fused_loss: str = h("full-vocabulary reverse/forward KL and JSD from hidden states, chunk by chunk with the "
-                        "closed-form gradient (never [B, T, V]): auto (where exact, one process, vocabulary >= 1024), "
+                        "closed-form gradient (never [B, T, V]): auto (where exact, one process, vocabulary >= 256), "
                         "on (or a one-line error why not), off (generic autograd path)", default="auto")
 
     def __post_init__(self) -> None:

@@ -3,8 +3,10 @@ states + the lm_head for the fused full-vocabulary path (objectives/fused.py), w
 
 optim.fused_loss: auto (the default) takes the fused path where it is exact and pays: a closed-form objective
 (full estimator; reverse KL, forward KL, generalized JSD), a plain Linear lm_head on a model family whose logits are
-lm_head(final hidden state), one process, and a vocabulary of at least FUSED_MIN_VOCAB (below it the whole
-[B, T, V] is small and the generic path is as fast; the embedded default, V = 20, keeps it). on: the fused path or
+lm_head(final hidden state), one process, and a vocabulary of at least FUSED_MIN_VOCAB. The fused path is faster
+from small vocabularies on (objective alone, B 8 x T 64, JSD: 7 vs 16 ms at V = 512, 30 vs 60 ms at V = 2048); the
+threshold keeps toy vocabularies such as the embedded default's (V = 20) on the generic path, so their documented
+runs stay bitwise what they were. on: the fused path or
 a one-line error saying why not; off: the generic path.
 """
 
@@ -15,7 +17,7 @@ import torch
 from opdkit.objectives.config import ObjectiveConfig
 from opdkit.objectives.fused import CLOSED_FORMS, fused_supported
 
-FUSED_MIN_VOCAB = 1024
+FUSED_MIN_VOCAB = 256
 # Families whose CausalLM forward is exactly lm_head(decoder(...).last_hidden_state): no logit soft-capping or
 # scaling (Gemma 2, Cohere, Granite scale them) that the fused path would miss.
 FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
