@@ -132,3 +132,34 @@ def test_single_turn_through_the_episode_path_is_bit_identical(pair, tmp_path, m
     wa, wb = load_file(str(plain / "final" / "model.safetensors")), load_file(str(episodic / "final" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert all(r["rollout/turns_mean"] == 1 for r in metrics(episodic) if "loss" in r)
+
+
+def test_compare_grid_on_the_tool_task(calc_pair, tmp_path, monkeypatch):
+    """`opdkit compare` on task:calc: OPD runs, the SFT-on-teacher-episodes baseline at equal teacher tokens, and
+    the evaluation rolled out through the calculator (episode rewards), end to end."""
+    import csv
+
+    import yaml
+
+    from opdkit.compare import main as compare_main
+
+    base = [o for o in calc_overrides(calc_pair, tmp_path / "unused") if not o.startswith(("run_dir=", "progress="))]
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"base": base, "seeds": 1, "methods": [
+        {"name": "full_rkl", "overrides": ["objective.estimator=full"]},
+        {"name": "sft_teacher_episodes", "kind": "sft", "match": "full_rkl"},
+        {"name": "sft_init", "kind": "none"},
+    ]}))
+    from opdkit.rollout import multiturn
+
+    calls, real = [], multiturn.MultiTurnRollout.sample
+    monkeypatch.setattr(multiturn.MultiTurnRollout, "sample", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    out = tmp_path / "cmp"
+    assert compare_main([str(grid), f"out_dir={out}", "eval_n=3", "eval_k=2", "parallel=1"]) == 0
+    assert len(calls) == 3  # compare's own evaluations (in this process) rolled out episodes: one per model
+    rows = {r["method"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert set(rows) == {"full_rkl", "sft_teacher_episodes", "sft_init"}
+    opd = [r for r in metrics(out / "runs" / "full_rkl" / "seed0") if "teacher_tokens" in r]
+    assert opd and "rollout/turns_mean" in opd[-1]  # the OPD run sampled episodes
+    sft_log = (out / "logs" / "sft_teacher_episodes_seed0.log").read_text()
+    assert "data.task=calc" in sft_log and float(rows["sft_teacher_episodes"]["teacher_tokens"]) > 0
