@@ -19,7 +19,7 @@ from opdkit.errors import UserError, one_line
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "embedded"
 EMBEDDED_PREFIX = "embedded:"
-EMBEDDED_NAMES = ("student", "teacher", "student_vllm")
+EMBEDDED_NAMES = ("student", "teacher", "student_vllm", "calc_teacher", "calc_student")
 TASK_JSON = "task.json"
 
 
@@ -44,7 +44,8 @@ def resolve_model_spec(spec: str | os.PathLike) -> str:
         raise UserError(f"unknown embedded model {s!r}; use one of {', '.join(EMBEDDED_PREFIX + n for n in EMBEDDED_NAMES)}")
     path = EMBEDDED_DIR / name
     if not path.is_dir() or not any(path.iterdir()):
-        raise UserError(f"embedded model {s!r} is missing ({path}); build it with `python scripts/make_embedded.py`")
+        script = "make_tool_task.py ... --ship" if name.startswith("calc_") else "make_embedded.py"
+        raise UserError(f"embedded model {s!r} is missing ({path}); build it with `python scripts/{script}`")
     return str(path)
 
 

@@ -5,6 +5,7 @@ that does not, then OPD vs SFT on teacher episodes at equal teacher compute.
     # CPU, 1 torch thread (the measured run in docs/agents.md; ~2 min to build, ~1 min per OPD seed)
     OMP_NUM_THREADS=1 python scripts/make_tool_task.py --run-dir runs/tool_calc --seeds 0
     OMP_NUM_THREADS=1 python scripts/make_tool_task.py --run-dir runs/tool_calc --skip-build --seeds 1 2
+    python scripts/make_tool_task.py --run-dir runs/tool_calc --skip-build --ship   # -> embedded:calc_teacher|student
 
 Steps (everything under --run-dir):
 1. teacher: `opdkit sft data.task=calc` from scratch (char tokenizer of the task alphabet, 280k parameters) on the
@@ -67,6 +68,9 @@ def main() -> int:
     ap.add_argument("--opd-steps", type=int, default=300)
     ap.add_argument("--eval-prompts", type=int, default=200)
     ap.add_argument("--skip-build", action="store_true", help="reuse <run-dir>/teacher and <run-dir>/student")
+    ap.add_argument("--ship", action="store_true",
+                    help="copy the built teacher and student into opdkit/assets/embedded/calc_teacher|calc_student "
+                         "(embedded:calc_teacher, embedded:calc_student) and exit")
     a = ap.parse_args()
     out = Path(a.run_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -79,6 +83,15 @@ def main() -> int:
         times["student_s"] = run(["sft", f"run_dir={out / 'student'}", *common, "eval_every=200",
                                   f"model.tokenizer={out / 'teacher' / 'final'}", *STUDENT], out / "student.log")
     teacher, student = out / "teacher" / "final", out / "student" / "final"
+    if a.ship:
+        import shutil
+
+        for name, src in (("calc_teacher", teacher), ("calc_student", student)):
+            dst = ROOT / "opdkit" / "assets" / "embedded" / name
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("generation_config.json"))
+            print(f"shipped {src} -> {dst}")
+        return 0
     res = {"teacher_acc": last_eval(out / "teacher")["eval/accuracy"],
            "student_acc": last_eval(out / "student")["eval/accuracy"], "seeds": {}, **times}
     for seed in a.seeds:

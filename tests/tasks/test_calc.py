@@ -100,3 +100,22 @@ def test_sft_on_teacher_episodes_masks_the_environment_outputs():
                 assert k > 0 and env.step(runs[k - 1][1]).observation == text
                 n_env += 1
     assert n_env > 0 and info["teacher_tokens"] == sum(len(s.ids) - len(p) for s, p in zip(seqs, prompts))
+
+
+def test_shipped_calc_teacher_uses_the_tool_and_the_student_does_not():
+    """embedded:calc_teacher / embedded:calc_student (scripts/make_tool_task.py --ship): greedy episodes through the
+    calculator on held-out problems (docs/agents.md measured 100% / 0% on 200)."""
+    import torch
+
+    from opdkit.eval.run import evaluate, load_eval_model
+    from opdkit.specs import resolve_model_spec, resolve_task, task_examples
+
+    torch.set_num_threads(1)
+    task, _ = resolve_task("calc")
+    examples = task_examples(task, "heldout", 24, seed=7)
+    acc = {}
+    for name in ("calc_teacher", "calc_student"):
+        model, tok = load_eval_model(resolve_model_spec(f"embedded:{name}"))
+        acc[name] = evaluate(model, tok, examples, task, k=1, temperature=0.0, max_new_tokens=48, seed=0,
+                             keep_records=False)["avg@k"]
+    assert acc["calc_teacher"] >= 0.9 and acc["calc_student"] <= 0.2, acc
