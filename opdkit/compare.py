@@ -167,16 +167,16 @@ def load_grid(cfg: CompareConfig) -> tuple[list[str], int, list[Method]]:
 
 
 # ------------------------------------------------------------------------------------------------ running
-def _run_dir(out: Path, method: str, seed: int, m: Method | None = None, value=None) -> Path:
+def _run_dir(out: Path, m: Method, seed: int, value=None) -> Path:
     """A run's directory; a swept method's runs live under sweep/<knob>=<value>/ (the chosen value by default)."""
-    if m is not None and m.sweep is not None:
-        if value is None:
-            choice = read_choice(out, method)
-            if choice is None:
-                raise UserError(f"compare: {method!r} has no chosen sweep value yet")
-            value = choice["value"]
-        return candidate_dir(out, method, m.sweep, value, seed)
-    return out / "runs" / method / f"seed{seed}"
+    if m.sweep is None:
+        return out / "runs" / m.name / f"seed{seed}"
+    if value is None:
+        choice = read_choice(out, m.name)
+        if choice is None:
+            raise UserError(f"compare: {m.name!r} has no chosen sweep value yet")
+        value = choice["value"]
+    return candidate_dir(out, m.name, m.sweep, value, seed)
 
 
 def _launch(cmd: list[str], log: Path, threads: int) -> int:
@@ -268,14 +268,14 @@ def run_grid(cfg: CompareConfig) -> dict:
     def job(m: Method, seed: int, value=None) -> None:
         if m.sweep is not None and value is None:  # the remaining seeds of a swept method: the chosen value
             value = read_choice(out, m.name)["value"]
-        rd = _run_dir(out, m.name, seed, m, value)
+        rd = _run_dir(out, m, seed, value)
         if (rd / "final").is_dir() or m.kind == "none":
             return
         if m.kind == "train":
             cmd = _train_cmd(cfg, base, m, seed, rd, value)
         else:
             match = next(x for x in methods if x.name == m.match)
-            budget = _teacher_tokens(_run_dir(out, m.match, seed, match))
+            budget = _teacher_tokens(_run_dir(out, match, seed))
             cmd = _sft_cmd(cfg, m, seed, rd, budget, train_cfgs[m.match], value)
         tag = f"{m.name}_seed{seed}" + ("" if value is None else f"_{m.sweep.label(value)}")
         code = _launch(cmd, out / "logs" / f"{tag}.log", cfg.threads)
@@ -331,7 +331,7 @@ def _evaluate_run(cfg: CompareConfig, model_dir: str, ref_cfg, cache: Path, seed
 def validation_scores(cfg: CompareConfig, out: Path, m: Method, ref_cfg, pool) -> dict:
     """{str(value): validation avg@k} of a swept method's seed-0 runs (failed runs left out)."""
     def one(v):
-        rd = _run_dir(out, m.name, 0, m, v)
+        rd = _run_dir(out, m, 0, v)
         if not (rd / "final").is_dir():
             return str(v), None
         return str(v), _evaluate_run(cfg, str(rd / "final"), ref_cfg, rd / "validation.json", 0, "validation")["avg@k"]
@@ -346,7 +346,7 @@ def evaluate_grid(cfg: CompareConfig, out: Path, methods: list[Method], seeds: i
     jobs = []
     for m in methods:
         for s in range(seeds):
-            rd = _run_dir(out, m.name, s, m) if m.kind != "none" else _run_dir(out, m.name, s)
+            rd = _run_dir(out, m, s)
             model = ref_cfg.model.student if m.kind == "none" else str(rd / "final")
             if m.kind != "none" and not (rd / "final").is_dir():
                 continue  # failed run: reported in the table as missing

@@ -18,16 +18,22 @@ def test_mean_ci():
     assert mean_ci([0.3]) == (0.3, 0.0)
 
 
-def test_tiny_grid_end_to_end(tmp_path):
+def _grid(tmp_path, methods: list[dict]):
+    """A 2-step, 2-seed grid file over a tiny teacher/student pair."""
     pair = make_pair(tmp_path / "pair")
     base = [o for o in base_overrides(pair, tmp_path / "unused", steps=2) if not o.startswith(("run_dir=", "progress="))]
     grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump({"base": base, "seeds": 2, "methods": [
+    grid.write_text(yaml.safe_dump({"base": base, "seeds": 2, "methods": methods}))
+    return grid
+
+
+def test_tiny_grid_end_to_end(tmp_path):
+    grid = _grid(tmp_path, [
         {"name": "vanilla", "overrides": []},
         {"name": "full_rkl", "overrides": ["objective.estimator=full"]},
         {"name": "sft_teacher_samples", "kind": "sft", "match": "vanilla"},
         {"name": "sft_init", "kind": "none"},
-    ]}))
+    ])
     out = tmp_path / "cmp"
     args = [str(grid), f"out_dir={out}", "eval_n=4", "eval_k=2", "parallel=2"]
     assert main(args) == 0
@@ -66,13 +72,10 @@ def test_bad_grid_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_swept_baseline_is_chosen_on_validation_problems_not_the_test_problems(tmp_path):
-    pair = make_pair(tmp_path / "pair")
-    base = [o for o in base_overrides(pair, tmp_path / "unused", steps=2) if not o.startswith(("run_dir=", "progress="))]
-    grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump({"base": base, "seeds": 2, "methods": [
+    grid = _grid(tmp_path, [
         {"name": "vanilla", "overrides": []},
         {"name": "sft_teacher_samples", "kind": "sft", "match": "vanilla", "sweep": {"optim.lr": [1e-2, 1e-4]}},
-    ]}))
+    ])
     out = tmp_path / "cmp"
     assert main([str(grid), f"out_dir={out}", "eval_n=4", "eval_k=2", "parallel=2"]) == 0
     sweep = out / "runs" / "sft_teacher_samples" / "sweep"
