@@ -362,7 +362,12 @@ def create_run_dir(path: str | os.PathLike, config_hash: str, overwrite: bool = 
         if overwrite and p.is_dir() and is_run_dir(p):
             _clear_run(p)
         for d in reversed(missing):
-            d.mkdir()
+            try:
+                d.mkdir()
+            except FileExistsError:
+                if d == p or not d.is_dir():
+                    raise
+                continue  # a parent another process made meanwhile (parallel runs under one dir): not ours to remove
             created.append(d)
         for name, write in ((RUN_MARKER, lambda: (p / RUN_MARKER).write_text(
                 json.dumps({"config_hash": config_hash}) + "\n", encoding="utf-8")),

@@ -186,3 +186,23 @@ def test_saved_config_header_names_a_command_the_cli_accepts(tmp_path: Path) -> 
     assert config_file_flag(["--config=a.yaml"]) == ["a.yaml"]
     with pytest.raises(UserError, match="--config needs a file"):
         config_file_flag(["--config"])
+
+
+def test_create_run_dir_tolerates_a_parent_made_meanwhile(tmp_path, monkeypatch):
+    """Two runs under one new parent (opdkit compare's parallel sweep runs): the parent appearing between the
+    check and the mkdir is not an error, and a failed run does not remove the other run's parent."""
+    from pathlib import Path
+
+    from opdkit.train import logging as L
+
+    real = Path.mkdir
+    parent = tmp_path / "sweep"
+
+    def racing_mkdir(self, *a, **k):
+        if self == parent and not parent.exists():
+            real(parent)  # the other run got there first
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+    run = L.create_run_dir(parent / "a" / "seed0", "abc")
+    assert (run / L.RUN_MARKER).is_file()
