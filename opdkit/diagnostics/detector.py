@@ -84,6 +84,10 @@ class DetectorConfig:
     reward_window: int = h("reward_collapse: reward/mean is averaged over this many steps", default=10)
     reward_drop: float = h("reward_collapse: fires when the averaged reward mean falls below its running best by "
                            "this many median token-level reward std", default=0.5)
+    backoff_factor: float = h("length_runaway: multiply the learning rate by this when it fires (1 = warn "
+                              "only; docs/diagnostics.md)", default=0.5)
+    max_backoffs: int = h("after this many lr backoffs, the next length_runaway stops the run with a checkpoint "
+                          "(exit code 3)", default=3)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -101,6 +105,8 @@ class DetectorConfig:
         for name in ("finished_floor", "finished_drop", "length_cap_frac", "length_collapse", "acc_drop"):
             if getattr(self, name) > 1:
                 raise ValueError(f"diagnostics.{name}={getattr(self, name)!r} must be in [0, 1]")
+        if not 0 < self.backoff_factor <= 1:
+            raise ValueError(f"diagnostics.backoff_factor={self.backoff_factor!r} must be in (0, 1] (1: warn only)")
         for name in ("grad_spike_ratio", "tail_asymmetry", "early_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"diagnostics.{name}={getattr(self, name)!r} must be >= 1 (a ratio)")
@@ -108,6 +114,12 @@ class DetectorConfig:
             raise ValueError(f"diagnostics.grad_warmup={self.grad_warmup} must be <= "
                              f"diagnostics.grad_window={self.grad_window}")
 
+
+# A failure of one of these kinds within the first EARLY_LR_STEPS steps (or twice the warm-up) is put down to the
+# learning rate first.
+EARLY_LR_STEPS = 30
+_LR_CODES = ("non_finite", "grad_norm_spike", "length_runaway", "length_collapse", "accuracy_collapse",
+             "reward_collapse")
 
 # ----------------------------------------------------------------------------------------------------------- warning
 
@@ -239,13 +251,19 @@ class FailureDetector:
     length limit (enables the 'length at the cap' check). Unknown or missing metrics are skipped silently."""
 
     def __init__(self, config: DetectorConfig | None = None, objective: Any = None,
-                 max_new_tokens: int | None = None):
+                 max_new_tokens: int | None = None, optim: Any = None):
         self.config = config if config is not None else DetectorConfig()
         if not isinstance(self.config, DetectorConfig):
             raise TypeError(f"config must be a DetectorConfig, not {type(self.config).__name__}")
         self.objective = _objective_info(objective)
         self.max_new_tokens = max_new_tokens
+        # lr and warm-up: a run that breaks in its first steps at the full lr with no warm-up is told so first
+        # (issue #15: an SFT-initialised student wrecked at step 1 by lr 2e-3 without warm-up got length advice).
+        self.lr = getattr(optim, "lr", None) if not isinstance(optim, Mapping) else optim.get("lr")
+        self.warmup_steps = (getattr(optim, "warmup_steps", None) if not isinstance(optim, Mapping)
+                             else optim.get("warmup_steps"))
         self.history: list[Warning] = []
+        self.ongoing: dict[str, bool] = {}
         c = self.config
         self._gates = {code: _Gate(c.rearm_steps) for code in CODES}
         self._grad: deque[float] = deque(maxlen=c.grad_window)
@@ -267,7 +285,8 @@ class FailureDetector:
         rollout = getattr(train_config, "rollout", None)
         return cls(config if config is not None else getattr(train_config, "diagnostics", None),
                    objective=getattr(train_config, "objective", None),
-                   max_new_tokens=getattr(rollout, "max_new_tokens", None))
+                   max_new_tokens=getattr(rollout, "max_new_tokens", None),
+                   optim=getattr(train_config, "optim", None))
 
     # ------------------------------------------------------------------------------------------------- public
 
@@ -281,8 +300,10 @@ class FailureDetector:
                             ("length_runaway", self._length_runaway), ("length_collapse", self._length_collapse),
                             ("accuracy_collapse", self._accuracy), ("reward_collapse", self._reward)):
             cond, message, figure = check(metrics)
+            if cond is not None:
+                self.ongoing[code] = bool(cond)  # the condition now (a warning fires once per episode)
             if self._gates[code](cond):
-                out.append(Warning(int(step), code, message, float(figure), self.advice(code)))
+                out.append(Warning(int(step), code, message, float(figure), self.advice(code, step=int(step))))
         self._record(metrics)
         self.history.extend(out)
         return out
@@ -294,8 +315,27 @@ class FailureDetector:
             out.extend(self.update(int(rec.get("step", 0)), rec))
         return out
 
-    def advice(self, code: str) -> str:
-        """The concrete advice for `code`, tailored to the objective the detector was given."""
+    def advice(self, code: str, step: int | None = None) -> str:
+        """The concrete advice for `code`, tailored to the objective (and, given the step, the lr schedule)."""
+        text = self._objective_advice(code)
+        early = self._early_lr(code, step)
+        return f"{early}; then: {text}" if early else text
+
+    def _early_lr(self, code: str, step: int | None) -> str:
+        """The lead for a failure in the first steps at the full learning rate (no or a short warm-up)."""
+        if step is None or self.lr is None or self.warmup_steps is None or code not in _LR_CODES:
+            return ""
+        warm = int(self.warmup_steps)
+        if step > max(EARLY_LR_STEPS, 2 * warm):
+            return ""
+        if warm == 0:
+            return (f"this began at step {step}, in the first steps at the full optim.lr={self.lr:g} with no "
+                    f"warm-up: AdamW's first updates move every weight by about lr and can knock an "
+                    f"SFT-initialised student off its start; set optim.warmup_steps=20 (or more) or lower optim.lr")
+        return (f"this began at step {step}, within {2 * warm} steps of a {warm}-step warm-up to optim.lr="
+                f"{self.lr:g}: lower optim.lr or lengthen optim.warmup_steps")
+
+    def _objective_advice(self, code: str) -> str:
         o = self.objective
         div, grad, reward, transform = o["divergence"], o["gradient"], o["reward"], o["transform"]
         sampled = o["estimator"] in (None, "sampled")

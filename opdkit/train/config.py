@@ -303,13 +303,19 @@ class TeacherConfig:
                              "server) or teacher.server.launch=true (opdkit starts one for teacher.model)")
 
 
+DEFAULT_WARMUP_STEPS = 20  # optim.warmup_steps for every student but the embedded ones (issue #15)
+
+
 @dataclass
 class OptimConfig:
     lr: float = h("AdamW learning rate", default=2e-3)
     weight_decay: float = h("AdamW weight decay", default=0.0)
     beta1: float = h("AdamW beta1", default=0.9)
     beta2: float = h("AdamW beta2", default=0.99)
-    warmup_steps: int = h("linear warm-up steps", default=0)
+    warmup_steps: int | None = h("linear warm-up steps; default: 20, or 0 for the embedded students (their lr and "
+                                 "steps were tuned without warm-up: 20 there gained +19.1 vs +23.1 points, seeds "
+                                 "0-2); without warm-up AdamW's first updates knocked SFT-initialised students off "
+                                 "their start on new tasks (issue #15)", default=None)
     schedule: str = h("learning-rate schedule after warm-up: constant or cosine", default="cosine")
     grad_clip: float = h("clip the gradient norm to this (0 = off); the norm is logged every step", default=1.0)
     micro_batch_size: int = h("sequences per forward/backward (gradient accumulation over the step)", default=32)
@@ -327,7 +333,8 @@ class OptimConfig:
         _range("optim", "weight_decay", self.weight_decay, 0.0, 10.0)
         _range("optim", "beta1", self.beta1, 0.0, 1.0, hi_open=True)
         _range("optim", "beta2", self.beta2, 0.0, 1.0, hi_open=True)
-        _pos_int("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
+        if self.warmup_steps is not None:
+            _pos_int("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
         _choice("optim", "schedule", self.schedule, ("constant", "cosine"))
         _range("optim", "grad_clip", self.grad_clip, 0.0, math.inf, hi_open=True)
         _pos_int("optim", "micro_batch_size", self.micro_batch_size)
@@ -379,6 +386,8 @@ class TrainConfig:
         obj = self.objective
         if self.rollout.temperature is None:
             self.rollout.temperature = 1.0 if obj.estimator == "sampled" else 0.7
+        if self.optim.warmup_steps is None:  # resolved here, so config.yaml (and the config hash) hold the value
+            self.optim.warmup_steps = 0 if self.model.student.startswith("embedded:") else DEFAULT_WARMUP_STEPS
         # Sampled-only knobs with a dense estimator (the trainer's default is `full`) are refused by ObjectiveConfig
         # itself (objectives/config.py: SAMPLED_ONLY), so a `load_config` override names the fix.
         if self.objective.estimator == "sampled" and self.objective.pg != "ppo" and self.optim.ppo_epochs > 1:

@@ -32,6 +32,7 @@ import torch
 
 from opdkit.config import config_hash, help_text, load_config
 from opdkit.diagnostics import FailureDetector
+from opdkit.diagnostics.backoff import LrBackoff
 from opdkit.data.prompts import encode_prompts
 from opdkit.errors import RunFailed, UserError, run_cli
 from opdkit.objectives import opd_per_token_loss
@@ -316,6 +317,8 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
     # rank 0 writes metrics, prints and detects; the other ranks only compute
     logger = MetricsLogger(run_dir, resume_step=start if ckpt is not None else -1) if dist.is_main else NullLogger()
     detector = FailureDetector.for_run(cfg)  # known OPD failure modes, one log line each (docs/diagnostics.md)
+    backoff = LrBackoff(cfg.diagnostics.backoff_factor, cfg.diagnostics.max_backoffs, cfg.diagnostics.length_window,
+                        int(extra.get("lr_backoffs", 0)))
     if start and dist.is_main:
         detector.replay(read_metrics(run_dir))
     summary: dict = {"run_dir": str(run_dir), "start_step": start, "teacher": teacher.describe()}
@@ -330,7 +333,7 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
                 student.config.save_pretrained(d)
                 tok.save_pretrained(d)
         extra = {"teacher_tokens": teacher_tokens, "skipped_total": skipped_total, "skipped_streak": skipped_streak,
-                 "train_seconds": train_seconds}
+                 "train_seconds": train_seconds, "lr_backoffs": backoff.count}
         if dist.distributed:  # sharded (torch.distributed.checkpoint): every rank writes its shards
             return save_sharded_checkpoint(run_dir, done, student, opt, sched, dist, extra=extra,
                                            keep_last=cfg.keep_last, sidecar=sidecar)
@@ -420,14 +423,24 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
                 metrics["warnings"] = [w.to_dict() for w in found]
                 for w in found:
                     progress.print(w.line())
+                # Runaway responses: back off the lr (every rank: the detector runs on rank 0 only), or stop.
+                hit, still = backoff.wants(found, detector.ongoing), detector.ongoing.get("length_runaway", False)
+                hit, still = (float(dist.max(float(x))) > 0 for x in (hit, still))
+                line, backoff_stop = backoff.react(hit, still, sched, done)
+                if line:  # an action, not only a warning: said even with progress=false
+                    metrics["lr_backoffs"] = backoff.count
+                    say(line)
                 logger.log(done, metrics)
                 progress.update(done, {"loss": metrics["loss"], "acc": metrics["train/accuracy"],
                                        "reward": metrics.get("reward/mean", 0.0), "gnorm": metrics["grad_norm"]})
                 diverged = skipped_streak >= cfg.optim.max_skipped_steps
                 if dist.distributed and dist.max(float(stop.requested is not None)) and stop.requested is None:
                     stop.requested = signal.SIGTERM  # torchrun signals every rank, not at the same step: agree
-                if (cfg.save_every and done % cfg.save_every == 0) or last or diverged or stop.requested:
+                if (cfg.save_every and done % cfg.save_every == 0) or last or diverged or stop.requested \
+                        or backoff_stop:
                     ckpt = checkpoint(done)
+                if backoff_stop:
+                    raise RunFailed(f"{line.split('] ', 1)[1]} ({ckpt})")
                 if diverged:
                     raise RunFailed(
                         f"{skipped_streak} consecutive steps had a non-finite loss or gradient norm (last: loss "

@@ -334,3 +334,27 @@ def test_docs_list_the_current_defaults():
     assert markdown_table(DetectorConfig) in text, "docs/diagnostics.md knob table is stale"
     for code in CODES:
         assert f"`{code}`" in text
+
+
+def test_early_failure_without_warmup_is_put_down_to_the_lr_first():
+    """Issue #15: a walkthrough run wrecked in its first steps (lr 2e-3, no warm-up) was told to raise the length
+    limit; the advice now leads with the lr and the warm-up, and only for failures in the first steps."""
+    from opdkit.train.config import OptimConfig
+
+    def runaway_from(start):
+        def edit(s, m):
+            if s >= start:
+                m["finished_frac"], m["response_length/mean"] = 0.0, 64.0
+        return edit
+
+    early = run(stream(60, edit=runaway_from(5)), max_new_tokens=64, optim=OptimConfig(lr=2e-3, warmup_steps=0))
+    w = [x for x in early if x.code == "length_runaway"][0]
+    assert w.step <= 10 and "optim.warmup_steps=20" in w.advice and "optim.lr=0.002" in w.advice
+    assert w.advice.index("warmup") < w.advice.index("max_new_tokens")  # the lr first, the length limit after
+    warm = run(stream(60, edit=runaway_from(5)), max_new_tokens=64, optim={"lr": 2e-3, "warmup_steps": 20})
+    assert "lengthen optim.warmup_steps" in [x for x in warm if x.code == "length_runaway"][0].advice
+    late = run(stream(120, edit=runaway_from(80)), max_new_tokens=64, optim=OptimConfig(lr=2e-3, warmup_steps=0))
+    w = [x for x in late if x.code == "length_runaway"][0]
+    assert w.step >= 80 and "warm" not in w.advice  # a failure long after the start is not blamed on the lr
+    assert "warm" not in FailureDetector(optim=OptimConfig()).advice("length_runaway")  # no step: as before
+    assert "warm" not in FailureDetector().advice("length_runaway", step=3)  # no optim given: as before

@@ -11,6 +11,7 @@ import pytest
 
 from opdkit.cli import main
 from opdkit.config import load_config
+from opdkit.errors import UserError
 from opdkit.tasks import Addition
 from opdkit.train import loop, setup
 from opdkit.train.config import TrainConfig
@@ -146,3 +147,37 @@ def test_held_out_evals_are_left_out_of_the_progress_eta(pair, tmp_path, capsys,
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("opd step")]
     rates = [float(re.search(r"\| ([0-9.e+-]+) s/step", x).group(1)) for x in lines]
     assert len(rates) == 3 and max(rates) < 1.5, lines  # 4 evals x 2 s would make every rate > 2 s/step
+
+
+def test_length_runaway_backs_off_the_lr_then_stops_with_a_checkpoint(pair, tmp_path, capsys):
+    """Issue #15: the detector backs off a run whose responses run away (lr x backoff_factor when length_runaway
+    fires, again every diagnostics.length_window steps while it goes on; after max_backoffs the next one stops the
+    run, exit code 3, with a checkpoint). length_cap_frac=0 makes every step 'at the cap'."""
+    fire = ["diagnostics.length_cap_frac=0.0", "diagnostics.length_window=3", "optim.schedule=constant",
+            "optim.warmup_steps=0"]
+    run = tmp_path / "run"
+    cfg = load_config(TrainConfig, None, base_overrides(pair, run, steps=9) + fire + ["diagnostics.max_backoffs=9"])
+    loop.train(cfg)
+    recs = _metrics(run)
+    backoffs = {r["step"]: r["lr_backoffs"] for r in recs if "lr_backoffs" in r}
+    first = min(backoffs)  # the first step the 3-step length mean exists: the warning fires
+    assert backoffs == {first: 1, first + 3: 2, first + 6: 3}  # then every length_window steps it goes on
+    lrs = {r["step"]: r["lr"] for r in recs if "lr" in r}
+    for s in range(1, 10):  # the lr logged at step s is halved by each backoff of an earlier step
+        assert lrs[s] == pytest.approx(1e-3 * 0.5 ** sum(b < s for b in backoffs)), (s, lrs)
+    assert "backoff: learning rate x0.5 (backoff 1 of 9" in capsys.readouterr().err
+    # max_backoffs=1: the second backoff stops the run with a checkpoint, exit code 3, and says what to change
+    run2 = tmp_path / "run2"
+    assert loop.main(base_overrides(pair, run2, steps=9) + fire + ["diagnostics.max_backoffs=1"]) == 3
+    err = capsys.readouterr().err
+    assert "still run away after 1 learning-rate backoffs" in err and "lower optim.lr" in err
+    stopped = max(r["step"] for r in _metrics(run2))
+    assert stopped == first + 3 and (run2 / "checkpoints" / f"step_{stopped:06d}").is_dir()
+    # off: backoff_factor=1 only warns
+    run3 = tmp_path / "run3"
+    loop.train(load_config(TrainConfig, None, base_overrides(pair, run3, steps=4) + fire
+                           + ["diagnostics.backoff_factor=1"]))
+    assert all("lr_backoffs" not in r for r in _metrics(run3))
+    assert {r["lr"] for r in _metrics(run3) if "lr" in r} == {1e-3}
+    with pytest.raises(UserError, match="backoff_factor"):
+        load_config(TrainConfig, None, base_overrides(pair, run3) + ["diagnostics.backoff_factor=0"])
