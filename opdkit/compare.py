@@ -223,7 +223,7 @@ def _train_cmd(cfg: CompareConfig, base: list[str], m: Method, seed: int, run_di
             "progress=false", *resume, f"threads={cfg.threads}"]
 
 
-def _teacher_tokens(run_dir: Path) -> int:
+def run_teacher_tokens(run_dir: Path) -> int:
     from opdkit.metrics_log import read_metrics
 
     rows = [r for r in read_metrics(run_dir) if "teacher_tokens" in r]
@@ -275,7 +275,7 @@ def run_grid(cfg: CompareConfig) -> dict:
             cmd = _train_cmd(cfg, base, m, seed, rd, value)
         else:
             match = next(x for x in methods if x.name == m.match)
-            budget = _teacher_tokens(_run_dir(out, match, seed))
+            budget = run_teacher_tokens(_run_dir(out, match, seed))
             cmd = _sft_cmd(cfg, m, seed, rd, budget, train_cfgs[m.match], value)
         tag = f"{m.name}_seed{seed}" + ("" if value is None else f"_{m.sweep.label(value)}")
         code = _launch(cmd, out / "logs" / f"{tag}.log", cfg.threads)
@@ -364,7 +364,7 @@ def evaluate_grid(cfg: CompareConfig, out: Path, methods: list[Method], seeds: i
             # training seconds: the trainer logs time/step, sft step_seconds (evals not counted)
             "wall_s": sum(r.get("time/step", r.get("step_seconds", 0.0)) for r in rows),
             "teacher_tokens": (steps[-1].get("teacher_tokens", 0) if steps else
-                               (_teacher_tokens(rd) if rows else 0)),
+                               (run_teacher_tokens(rd) if rows else 0)),
             "cache_hit_rate": _hit_rate(steps),
             "run_dir": str(rd),
         }

@@ -28,7 +28,6 @@ import json
 import math
 import random
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -40,8 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # The page's `opdkit ...` commands, split as bash splits them: the walkthrough test's own parser
+from opdkit.compare import mean_ci, run_teacher_tokens as teacher_tokens  # noqa: E402
+from opdkit.metrics_log import read_metrics  # noqa: E402
 from tests.walkthrough.test_own_task import doc_commands  # noqa: E402
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
 
 
 def bin_row(rng: random.Random) -> dict:
@@ -127,28 +127,15 @@ def kv(argv: list[str], key: str) -> str | None:
 
 
 def final_acc(run_dir: Path) -> tuple[float | None, float | None]:
-    """(first, last) greedy held-out accuracy a run logged (train: eval/accuracy; sft: eval/accuracy)."""
-    accs = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "eval/accuracy" in r:
-            accs.append(float(r["eval/accuracy"]))
+    """(first, last) greedy held-out accuracy a run logged (train and sft both log eval/accuracy)."""
+    accs = [float(r["eval/accuracy"]) for r in read_metrics(run_dir) if "eval/accuracy" in r]
     return (accs[0], accs[-1]) if accs else (None, None)
 
 
-def teacher_tokens(run_dir: Path) -> int:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return max(int(r["teacher_tokens"]) for r in rows if "teacher_tokens" in r)
-
-
 def ci(xs: list[float]) -> str:
-    if not xs:
-        return "-"
-    m = statistics.mean(xs)
-    if len(xs) < 2:
-        return f"{100 * m:.1f}"
-    half = T95.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / math.sqrt(len(xs))
-    return f"{100 * m:.1f} ± {100 * half:.1f}"
+    """'mean ± half-width' of the 95% t-interval, in points."""
+    m, half = mean_ci(xs)
+    return f"{100 * m:.1f} ± {100 * half:.1f}" if len(xs) > 1 else f"{100 * m:.1f}"
 
 
 def main() -> int:

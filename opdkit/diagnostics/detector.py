@@ -259,9 +259,8 @@ class FailureDetector:
         self.max_new_tokens = max_new_tokens
         # lr and warm-up: a run that breaks in its first steps at the full lr with no warm-up is told so first
         # (issue #15: an SFT-initialised student wrecked at step 1 by lr 2e-3 without warm-up got length advice).
-        self.lr = getattr(optim, "lr", None) if not isinstance(optim, Mapping) else optim.get("lr")
-        self.warmup_steps = (getattr(optim, "warmup_steps", None) if not isinstance(optim, Mapping)
-                             else optim.get("warmup_steps"))
+        get = optim.get if isinstance(optim, Mapping) else (lambda key: getattr(optim, key, None))
+        self.lr, self.warmup_steps = get("lr"), get("warmup_steps")
         self.history: list[Warning] = []
         self.ongoing: dict[str, bool] = {}
         c = self.config

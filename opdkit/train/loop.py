@@ -32,7 +32,7 @@ import torch
 
 from opdkit.config import config_hash, help_text, load_config
 from opdkit.diagnostics import FailureDetector
-from opdkit.diagnostics.backoff import LrBackoff
+from opdkit.diagnostics.backoff import LrBackoff, runaway_signals
 from opdkit.data.prompts import encode_prompts
 from opdkit.errors import RunFailed, UserError, run_cli
 from opdkit.objectives import opd_per_token_loss
@@ -423,13 +423,16 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
                 metrics["warnings"] = [w.to_dict() for w in found]
                 for w in found:
                     progress.print(w.line())
-                # Runaway responses: back off the lr (every rank: the detector runs on rank 0 only), or stop.
-                hit, still = backoff.wants(found, detector.ongoing), detector.ongoing.get("length_runaway", False)
-                hit, still = (float(dist.max(float(x))) > 0 for x in (hit, still))
-                line, backoff_stop = backoff.react(hit, still, sched, done)
-                if line:  # an action, not only a warning: said even with progress=false
+                # Runaway responses: back off the lr, or stop. The detector runs on rank 0 only: one collective
+                # hands its two facts to every rank (2 * fired + ongoing; the other ranks send 0).
+                backoff_note, backoff_stop = None, False
+                if backoff.enabled:
+                    fired, ongoing = runaway_signals(found, detector.ongoing)
+                    both = int(dist.max(float(2 * fired + ongoing)))
+                    backoff_note, backoff_stop = backoff.react(bool(both & 2), bool(both & 1), sched)
+                if backoff_note:  # an action, not only a warning: said even with progress=false
                     metrics["lr_backoffs"] = backoff.count
-                    say(line)
+                    say(f"[step {done}] {backoff_note}")
                 logger.log(done, metrics)
                 progress.update(done, {"loss": metrics["loss"], "acc": metrics["train/accuracy"],
                                        "reward": metrics.get("reward/mean", 0.0), "gnorm": metrics["grad_norm"]})
@@ -440,7 +443,7 @@ def _train(cfg: TrainConfig, source: setup.PromptSource, m: Models, request: Tea
                         or backoff_stop:
                     ckpt = checkpoint(done)
                 if backoff_stop:
-                    raise RunFailed(f"{line.split('] ', 1)[1]} ({ckpt})")
+                    raise RunFailed(f"{backoff_note} ({ckpt})")
                 if diverged:
                     raise RunFailed(
                         f"{skipped_streak} consecutive steps had a non-finite loss or gradient norm (last: loss "
