@@ -12,8 +12,8 @@ Codes (defaults; seed):
 - early_position_extremes: max |reward| at positions 0-3 >= 5 and >= 3 x the median over later positions
   (PowerOPD §3.2 Fig. 2b).
 - grad_norm_spike: grad_norm > 10 x the median of the previous 20 steps, after 5 (PowerOPD §6.2 Fig. 6).
-- length_runaway: finished fraction falls below 50% (and by 0.25), mean length >= 95% of max_new_tokens, or +50% in 10 steps
-  (PowerOPD §3.1, §6.1).
+- length_runaway: finished fraction falls below 50% (and by 0.25), mean length >= 95% of max_new_tokens (when the
+  first steps were below it), or +50% in 10 steps (PowerOPD §3.1, §6.1).
 - length_collapse: mean length < 25% of its start (PowerOPD §3.1 Fig. 3b).
 - accuracy_collapse: accuracy (10-step mean, or eval) <= 50% of its best and >= 0.15 below it (OPD+ §4; PowerOPD
   §3.1).
@@ -69,7 +69,8 @@ class DetectorConfig:
     finished_drop: float = h("length_runaway: ... and at least this far below its start (median of the first "
                              "length_ref_steps steps)", default=0.25)
     length_cap_frac: float = h("length_runaway: fires when the mean response length reaches this fraction of "
-                               "max_new_tokens (when the detector knows it)", default=0.95)
+                               "max_new_tokens (when the detector knows it) from below it over the first "
+                               "smooth_steps steps", default=0.95)
     length_window: int = h("length_runaway: window (steps) of the growth check", default=10)
     length_growth: float = h("length_runaway: fires when the mean length over the last window exceeds the "
                              "previous window's by this fraction", default=0.5)
@@ -479,7 +480,11 @@ class FailureDetector:
             if fin < c.finished_floor and fin0 - fin >= c.finished_drop:
                 return True, (f"only {100 * fin:.0f}% of responses end with EOS (was {100 * fin0:.0f}% at the "
                               f"start; the rest hit max_new_tokens)"), fin
-        if cur is not None and self.max_new_tokens and cur >= c.length_cap_frac * self.max_new_tokens:
+        cap = c.length_cap_frac * self.max_new_tokens if self.max_new_tokens else None
+        # At the limit counts as a runaway only for a run that got there: one whose first smooth_steps steps were
+        # already there (a verbose base model: SmolLM2-135M samples 90-96 of 96 tokens from step 1) has nothing
+        # that ran away, and backing off its lr would only slow it.
+        if cap is not None and cur is not None and cur >= cap and _mean(lens[:c.smooth_steps]) < cap:
             return True, f"mean response length {_fmt(cur)} is at the limit max_new_tokens = {self.max_new_tokens}", cur
         W = c.length_window
         if L is not None and len(lens) >= 2 * W:

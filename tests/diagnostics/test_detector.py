@@ -210,6 +210,14 @@ def test_length_runaway_by_growth_by_truncation_and_at_the_cap():
     # no cap known: the growth check, (63 k + 40 (10 - k)) / 10 > 60 at k = 9
     assert fired(run(stream(60, edit=cap)), "length_runaway") == [29]
 
+    def verbose(s, m):  # issue #15: a base model that samples at the limit from step 1 has not run away
+        m["response_length/mean"] = 62.0 if s % 2 else 64.0
+    assert fired(run(stream(60, edit=verbose), max_new_tokens=64), "length_runaway") == []
+    # ... but one that starts below it and gets there has: (40 + 40 + 63) / 3 < 60.8 at the start
+    def late_cap(s, m):
+        m["response_length/mean"] = 40.0 if s <= 2 else 63.0
+    assert fired(run(stream(60, edit=late_cap), max_new_tokens=64), "length_runaway") == [5]
+
 
 def test_length_collapse():
     def edit(s, m):

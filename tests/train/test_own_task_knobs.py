@@ -149,18 +149,22 @@ def test_held_out_evals_are_left_out_of_the_progress_eta(pair, tmp_path, capsys,
     assert len(rates) == 3 and max(rates) < 1.5, lines  # 4 evals x 2 s would make every rate > 2 s/step
 
 
-def test_length_runaway_backs_off_the_lr_then_stops_with_a_checkpoint(pair, tmp_path, capsys):
+def test_length_runaway_backs_off_the_lr_then_stops_with_a_checkpoint(pair, tmp_path, capsys, monkeypatch):
     """Issue #15: the detector backs off a run whose responses run away (lr x backoff_factor when length_runaway
     fires, again every diagnostics.length_window steps while it goes on; after max_backoffs the next one stops the
-    run, exit code 3, with a checkpoint). length_cap_frac=0 makes every step 'at the cap'."""
-    fire = ["diagnostics.length_cap_frac=0.0", "diagnostics.length_window=3", "optim.schedule=constant",
+    run, exit code 3, with a checkpoint). The detector is made to see a runaway at every step: this tests the
+    loop's response, tests/diagnostics/test_detector.py the detection."""
+    from opdkit.diagnostics.detector import FailureDetector
+
+    monkeypatch.setattr(FailureDetector, "_length_runaway", lambda self, m: (True, "forced runaway", 1.0))
+    fire = ["diagnostics.length_window=3", "optim.schedule=constant",
             "optim.warmup_steps=0"]
     run = tmp_path / "run"
     cfg = load_config(TrainConfig, None, base_overrides(pair, run, steps=9) + fire + ["diagnostics.max_backoffs=9"])
     loop.train(cfg)
     recs = _metrics(run)
     backoffs = {r["step"]: r["lr_backoffs"] for r in recs if "lr_backoffs" in r}
-    first = min(backoffs)  # the first step the 3-step length mean exists: the warning fires
+    first = min(backoffs)
     assert backoffs == {first: 1, first + 3: 2, first + 6: 3}  # then every length_window steps it goes on
     lrs = {r["step"]: r["lr"] for r in recs if "lr" in r}
     for s in range(1, 10):  # the lr logged at step s is halved by each backoff of an earlier step
