@@ -33,17 +33,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from opdkit.compare import mean_ci  # noqa: E402
+from opdkit.compare import mean_ci, opdkit_command as opdkit  # noqa: E402
 
 PRESET_LR = 2e-5
 PROMPTS_PER_STEP = 4  # smollm2-opsd's rollout.prompts_per_step
 MAX_NEW = 96  # smollm2-opsd's rollout.max_new_tokens
 VAL_SEED = 777
-
-
-def opdkit() -> list[str]:
-    exe = Path(sys.executable).with_name("opdkit")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "opdkit.cli"]
 
 
 def run(argv: list[str], log: Path) -> float:
