@@ -61,11 +61,14 @@ def evaluate(model: str, out: Path, split: str, n: int, threads: int) -> float:
     return 100.0 * json.loads(out.read_text())["accuracy"]
 
 
-def final_model(run_dir: Path) -> Path | None:
-    for d in (run_dir / "final", *sorted((run_dir / "checkpoints").glob("step_*"), reverse=True)):
-        if (d / "config.json").exists() or (d / "model").exists():
-            return d
-    return None
+def trained(argv: list[str], rd: Path, log: Path) -> Path:
+    """Run `argv` (an opdkit train / sft writing to rd) unless rd/final exists; returns rd/final. A killed run's
+    checkpoints are not taken for a finished model: it is run again."""
+    if not (rd / "final" / "config.json").exists():
+        secs = run(argv, log)
+        (rd / "wall_s").write_text(f"{secs:.0f}\n")
+        shutil.rmtree(rd / "checkpoints", ignore_errors=True)  # 1.6 GB of optimizer state; final/ is kept
+    return rd / "final"
 
 
 def opsd_name(seed: int, lr: float) -> str:
@@ -74,25 +77,18 @@ def opsd_name(seed: int, lr: float) -> str:
 
 def opsd(out: Path, seed: int, lr: float, a) -> Path:
     rd = out / opsd_name(seed, lr)
-    if final_model(rd) is None:
-        secs = run(opdkit() + ["train", "smollm2-opsd", f"seed={seed}", f"steps={a.steps}", f"optim.lr={lr:g}",
+    return trained(opdkit() + ["train", "smollm2-opsd", f"seed={seed}", f"steps={a.steps}", f"optim.lr={lr:g}",
                                f"eval_every={a.steps // 2}", "data.eval_prompts=64", "save_every=0",
-                               f"threads={a.threads}", "progress=false", f"run_dir={rd}"], out / f"{rd.name}.log")
-        (rd / "wall_s").write_text(f"{secs:.0f}\n")
-    return final_model(rd)
+                               f"threads={a.threads}", "progress=false", f"run_dir={rd}"], rd, out / f"{rd.name}.log")
 
 
 def sft(out: Path, seed: int, lr: float, a) -> Path:
     rd = out / f"sft_lr{lr:g}_s{seed}"
-    if not (rd / "final").exists():
-        secs = run(opdkit() + ["sft", "model.init=smollm2", "data.task=word_arith", f"seed={seed}",
+    return trained(opdkit() + ["sft", "model.init=smollm2", "data.task=word_arith", f"seed={seed}",
                                f"steps={a.steps}", f"data.batch_size={PROMPTS_PER_STEP}",
                                f"optim.micro_batch_size={PROMPTS_PER_STEP}", f"optim.lr={lr:g}",
                                "optim.warmup_steps=5", "optim.grad_clip=1.0", "data.eval_prompts=0",
-                               f"threads={a.threads}", "progress=false", f"run_dir={rd}"], out / f"{rd.name}.log")
-        (rd / "wall_s").write_text(f"{secs:.0f}\n")
-        shutil.rmtree(rd / "checkpoints", ignore_errors=True)  # 1.6 GB of optimizer state; final/ is kept
-    return rd / "final"
+                               f"threads={a.threads}", "progress=false", f"run_dir={rd}"], rd, out / f"{rd.name}.log")
 
 
 def ci(xs: list[float]) -> str:
