@@ -12,9 +12,9 @@ the closed-form gradient with respect to the student's logits z (s = softmax(z) 
     sampled-token log-prob  d log s_y / dz = onehot(y) - s
 
 (the GKD / TRL `generalized_jsd_loss` convention of `divergences.jsd`). Forward runs one lm_head matmul per chunk and
-the metrics from the same chunk's log-probs; backward recomputes the chunk's logits once and forms
-grad_hidden = G W and grad_W = G^T h from G = dLoss/dz: no [B, T, V] tensor, no autograd graph over V, two
-[chunk, V] buffers reused for every chunk (fresh ~65 MB temporaries per op were mapped and unmapped by glibc:
+the metrics from the same chunk's log-probs, and forms grad_hidden = G W and grad_W = G^T h from G = dLoss/dz in
+the same pass when the caller announces the loss weights (else backward recomputes the chunk's logits once): no
+[B, T, V] tensor, no autograd graph over V, five [chunk, V] buffers reused for every chunk (fresh ~65 MB temporaries per op were mapped and unmapped by glibc:
 see docs/performance.md). Proven equal to the generic path in float64 (tests/objectives/test_fused.py).
 """
 
@@ -57,6 +57,7 @@ class _Spec:
     teacher: FullSignal
     b_idx: Tensor
     t_idx: Tensor
+    weights: Tensor | None = None  # [N]: the caller's dLoss/d(divergence) per row up to one constant, if known
 
 
 # Work buffers hold at most this many elements each (16 MB in float32): chunks of a few [chunk, V] buffers stay
@@ -79,21 +80,25 @@ class _Buffers:
         return self.z[:n], self.s[:n], self.t[:n], self.w[:n], self.x[:n]
 
 
-def _student(h: Tensor, W: Tensor, b: Tensor | None, temperature: float, z: Tensor, s: Tensor) -> None:
-    """z <- log_softmax((h W^T + b) / temperature), s <- exp(z), in place in the given buffers."""
-    torch.mm(h.to(z.dtype), W.to(z.dtype).t(), out=z)
-    if b is not None:
-        z.add_(b.to(z.dtype))
-    if temperature != 1.0:
-        z.div_(temperature)
+def _log_softmax_(z: Tensor, p: Tensor) -> None:
+    """z <- log_softmax(z) and p <- exp(z), in place."""
     z.sub_(z.amax(-1, keepdim=True))
-    torch.exp(z, out=s)
-    total = s.sum(-1, keepdim=True)
-    s.div_(total)
+    torch.exp(z, out=p)
+    total = p.sum(-1, keepdim=True)
+    p.div_(total)
     z.sub_(total.log_())
 
 
-def _teacher(spec: _Spec, lo: int, hi: int, out: Tensor) -> Tensor:
+def _logits_(h: Tensor, W: Tensor, b: Tensor | None, temperature: float, out: Tensor) -> None:
+    """out <- (h W^T + b) / temperature; W already in out's dtype."""
+    torch.mm(h.to(out.dtype), W.t(), out=out)
+    if b is not None:
+        out.add_(b.to(out.dtype))
+    if temperature != 1.0:
+        out.div_(temperature)
+
+
+def _teacher(spec: _Spec, lo: int, hi: int, out: Tensor, scratch: Tensor) -> Tensor:
     """Teacher log-probs of positions lo:hi, floored at LOGPROB_FLOOR (as `Divergence.term`), into `out`."""
     bi, ti = spec.b_idx[lo:hi], spec.t_idx[lo:hi]
     sig = spec.teacher
@@ -104,6 +109,9 @@ def _teacher(spec: _Spec, lo: int, hi: int, out: Tensor) -> Tensor:
             torch.index_select(flat, 0, rows, out=out)
         else:
             out.copy_(flat.index_select(0, rows))
+    elif sig.head_weight_VH.dtype == out.dtype:  # its logits straight into the buffer, as the student's
+        _logits_(sig.hidden_BTH[bi, ti], sig.head_weight_VH, sig.head_bias_V, sig.temperature, out)
+        _log_softmax_(out, scratch)
     else:
         out.copy_(sig.logprobs_chunk(bi, ti))
     return out.clamp_(min=LOGPROB_FLOOR)
@@ -121,44 +129,75 @@ def _log_m(beta: float, s: Tensor, tp: Tensor, out: Tensor) -> Tensor:
     return out.clamp_(min=torch.finfo(out.dtype).tiny).log_()
 
 
-def _values(spec: _Spec, ls: Tensor, s: Tensor, lt: Tensor, w: Tensor, x: Tensor):
-    """(divergence, student entropy, teacher entropy, reverse KL) per row from one chunk; w, x are scratch."""
+def _values(spec: _Spec, ls: Tensor, s: Tensor, lt: Tensor, w: Tensor, x: Tensor, g: Tensor | None):
+    """(divergence, student entropy, teacher entropy, reverse KL) per row of one chunk, and with per-row loss weights
+    g [n] also G = g * dD/dz [n, V] (z the tempered logits) in one of the scratch buffers w, x (None without g).
+    ls, s, lt are only read."""
     ent_s = -_dot(s, ls, w)
     kl = -ent_s - _dot(s, lt, w)              # sum s (log s - log t)
     tp = torch.exp(lt, out=x)                 # teacher probabilities
     ent_t = -_dot(tp, lt, w)
-    if spec.kind == "reverse_kl":
-        return kl, ent_s, ent_t, kl
-    if spec.kind == "forward_kl":
-        return -ent_t - _dot(tp, ls, w), ent_s, ent_t, kl   # sum t (log t - log s)
+    if spec.kind == "reverse_kl":             # dD/dz = s (log s - log t - D)
+        G = None if g is None else torch.sub(ls, lt, out=w).sub_(kl[:, None]).mul_(s).mul_(g[:, None])
+        return (kl, ent_s, ent_t, kl), G
+    if spec.kind == "forward_kl":             # D = sum t (log t - log s), dD/dz = s sum(t) - t
+        div = -ent_t - _dot(tp, ls, w)
+        if g is None:
+            return (div, ent_s, ent_t, kl), None
+        total = tp.sum(-1, keepdim=True)
+        return (div, ent_s, ent_t, kl), tp.neg_().addcmul_(s, total).mul_(g[:, None])
     lm = _log_m(spec.beta, s, tp, w)
-    t_part = -ent_t - tp.mul_(lm).sum(-1)     # KL(t || m)
-    s_part = -ent_s - lm.mul_(s).sum(-1)      # KL(s || m)
-    return spec.beta * t_part + (1.0 - spec.beta) * s_part, ent_s, ent_t, kl
+    t_part = -ent_t - tp.mul_(lm).sum(-1)     # KL(t || m); x free again
+    d = torch.sub(ls, lm, out=x)              # log s - log m
+    s_part = _dot(s, d, w)                    # KL(s || m)
+    div = spec.beta * t_part + (1.0 - spec.beta) * s_part
+    # dD/dz = s (q - sum(s q)) with q = (1 - beta) (log s - log m): the terms through m cancel
+    G = None if g is None else d.sub_(s_part[:, None]).mul_(s).mul_((1.0 - spec.beta) * g[:, None])
+    return (div, ent_s, ent_t, kl), G
 
 
-def _grad_logits(spec: _Spec, ls: Tensor, s: Tensor, lt: Tensor, w: Tensor, x: Tensor, div: Tensor,
-                 g_div: Tensor, g_logp: Tensor, tok: Tensor) -> Tensor:
-    """w <- dLoss/dz for one chunk: g_div * dD/dz + g_logp * (onehot(tok) - s), divided by the temperature."""
-    if spec.kind == "reverse_kl":
-        torch.sub(ls, lt, out=w).sub_(div[:, None]).mul_(s)
-    elif spec.kind == "forward_kl":
-        torch.exp(lt, out=w)
-        total = w.sum(-1, keepdim=True)
-        w.neg_().addcmul_(s, total)
-    else:
-        lm = _log_m(spec.beta, s, torch.exp(lt, out=x), w)
-        torch.sub(ls, lm, out=w).mul_(1.0 - spec.beta)
-        w.sub_(_dot(s, w, x)[:, None]).mul_(s)
-    w.mul_(g_div[:, None]).addcmul_(s, -g_logp[:, None])
-    w[torch.arange(w.shape[0], device=w.device), tok] += g_logp
-    if spec.temperature != 1.0:
-        w.div_(spec.temperature)
-    return w
+class _Grads:
+    """grad_hidden [N, H], grad_W [V, H], grad_bias [V], accumulated chunk by chunk from G = dLoss/dlogits."""
+
+    def __init__(self, h: Tensor, W: Tensor, b: Tensor | None, needs: tuple, Wc: Tensor) -> None:
+        dtype, dev = Wc.dtype, h.device
+        self.Wc = Wc
+        self.h = torch.empty(h.shape, dtype=dtype, device=dev) if needs[0] else None
+        self.W = torch.zeros(W.shape, dtype=dtype, device=dev) if needs[1] else None
+        self.b = torch.zeros(W.shape[0], dtype=dtype, device=dev) if (needs[2] and b is not None) else None
+
+    def add(self, G: Tensor, h_chunk: Tensor, lo: int, hi: int) -> None:
+        if self.h is not None:
+            torch.mm(G, self.Wc, out=self.h[lo:hi])
+        if self.W is not None:
+            self.W.addmm_(G.t(), h_chunk.to(G.dtype))
+        if self.b is not None:
+            self.b.add_(G.sum(0))
+
+    def result(self, h: Tensor, W: Tensor, b: Tensor | None, scale: float = 1.0) -> tuple:
+        def out(g, like):
+            return None if g is None else (g if scale == 1.0 else g.mul_(scale)).to(like.dtype)
+        return out(self.h, h), out(self.W, W), None if b is None else out(self.b, b), None, None
+
+
+def _proportional(g: Tensor, w: Tensor) -> float | None:
+    """c with g == c * w to rounding, else None."""
+    ww = float(w.double().square().sum())
+    if ww == 0.0:
+        return 0.0 if not bool(g.any()) else None
+    c = float((g.double() * w.double()).sum()) / ww
+    tol = 64 * torch.finfo(g.dtype).eps * float(g.abs().max())
+    return c if float((g.double() - c * w.double()).abs().max()) <= tol else None
 
 
 class _FusedFull(torch.autograd.Function):
-    """(hidden [N, H], W [V, H], bias [V] | None, tokens [N]) -> (log-prob of the token, divergence, entropies, KL)."""
+    """(hidden [N, H], W [V, H], bias [V] | None, tokens [N]) -> (log-prob of the token, divergence, entropies, KL).
+
+    With spec.weights (the caller's per-row loss weights of the divergence, up to one constant) the gradient is
+    computed in forward from the same chunk's buffers (Liger's fused-linear approach): backward only checks that the
+    incoming gradient is those weights times a constant, with no gradient on the token log-prob, and scales. Any
+    other incoming gradient (the OPD-RL hybrid's log-prob term, importance weights, entropy selection decided from
+    this call's entropies) takes the recompute path: the chunk's logits again, then the same closed form."""
 
     @staticmethod
     def forward(ctx, h, W, b, tok, spec: _Spec):
@@ -168,54 +207,77 @@ class _FusedFull(torch.autograd.Function):
         buf = _Buffers(c, V, dtype, h.device)
         out = [torch.empty(N, dtype=dtype, device=h.device) for _ in range(5)]
         ar = torch.arange(c, device=h.device)
+        Wc = W.to(dtype)
+        pre = None if spec.weights is None else _Grads(h, W, b, ctx.needs_input_grad, Wc)
         for lo in range(0, N, c):
             hi = min(lo + c, N)
             z, s, t, w, x = buf.view(hi - lo)
-            _student(h[lo:hi], W, b, spec.temperature, z, s)
-            _teacher(spec, lo, hi, t)
+            _logits_(h[lo:hi], Wc, b, spec.temperature, z)
+            _log_softmax_(z, s)
+            _teacher(spec, lo, hi, t, x)
             out[0][lo:hi] = z[ar[:hi - lo], tok[lo:hi]]
-            for i, v in enumerate(_values(spec, z, s, t, w, x), start=1):
+            g = None if pre is None else spec.weights[lo:hi].to(dtype)
+            vals, G = _values(spec, z, s, t, w, x, g)
+            for i, v in enumerate(vals, start=1):
                 out[i][lo:hi] = v
-        ctx.save_for_backward(h, W, b, tok, out[1].clone())
-        ctx.spec = spec
+            if pre is not None:
+                if spec.temperature != 1.0:
+                    G.div_(spec.temperature)
+                pre.add(G, h[lo:hi], lo, hi)
+        ctx.save_for_backward(h, W, b, tok)
+        ctx.spec, ctx.pre = spec, pre
         ctx.mark_non_differentiable(out[2], out[3], out[4])
         return tuple(out)
 
     @staticmethod
     def backward(ctx, g_logp, g_div, *_metrics):
-        h, W, b, tok, div = ctx.saved_tensors
+        h, W, b, tok = ctx.saved_tensors
         spec: _Spec = ctx.spec
-        N, V = h.shape[0], W.shape[0]
-        dtype = div.dtype
-        g_logp = torch.zeros(N, dtype=dtype, device=h.device) if g_logp is None else g_logp.to(dtype)
-        g_div = torch.zeros(N, dtype=dtype, device=h.device) if g_div is None else g_div.to(dtype)
-        c = min(spec.chunk, N)
-        buf = _Buffers(c, V, dtype, h.device)
-        need_h, need_W, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.empty(h.shape, dtype=dtype, device=h.device) if need_h else None
-        grad_W = torch.zeros(W.shape, dtype=dtype, device=W.device) if need_W else None
-        grad_b = torch.zeros(V, dtype=dtype, device=W.device) if (need_b and b is not None) else None
-        Wc = W.to(dtype)
-        for lo in range(0, N, c):
-            hi = min(lo + c, N)
-            z, s, t, w, x = buf.view(hi - lo)
-            _student(h[lo:hi], W, b, spec.temperature, z, s)
-            _teacher(spec, lo, hi, t)
-            G = _grad_logits(spec, z, s, t, w, x, div[lo:hi], g_div[lo:hi], g_logp[lo:hi], tok[lo:hi])
-            if grad_h is not None:
-                torch.mm(G, Wc, out=grad_h[lo:hi])
-            if grad_W is not None:
-                grad_W.addmm_(G.t(), h[lo:hi].to(dtype))
-            if grad_b is not None:
-                grad_b.add_(G.sum(0))
-        return (None if grad_h is None else grad_h.to(h.dtype), None if grad_W is None else grad_W.to(W.dtype),
-                None if grad_b is None else grad_b.to(b.dtype), None, None)
+        pre, ctx.pre = ctx.pre, None
+        no_logp = g_logp is None or not bool(g_logp.any())
+        if pre is not None and no_logp:
+            scale = 0.0 if g_div is None else _proportional(g_div, spec.weights.to(g_div.dtype))
+            if scale is not None:
+                return pre.result(h, W, b, scale)
+        return _recompute(spec, h, W, b, tok, g_logp, g_div, ctx.needs_input_grad)
+
+
+def _recompute(spec: _Spec, h, W, b, tok, g_logp, g_div, needs: tuple) -> tuple:
+    """The backward that recomputes each chunk: dLoss/dz = g_div * dD/dz + g_logp * (onehot(tok) - s)."""
+    N, V = h.shape[0], W.shape[0]
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    g_logp = torch.zeros(N, dtype=dtype, device=h.device) if g_logp is None else g_logp.to(dtype)
+    g_div = torch.zeros(N, dtype=dtype, device=h.device) if g_div is None else g_div.to(dtype)
+    c = min(spec.chunk, N)
+    buf = _Buffers(c, V, dtype, h.device)
+    Wc = W.to(dtype)
+    grads = _Grads(h, W, b, needs, Wc)
+    for lo in range(0, N, c):
+        hi = min(lo + c, N)
+        z, s, t, w, x = buf.view(hi - lo)
+        _logits_(h[lo:hi], Wc, b, spec.temperature, z)
+        _log_softmax_(z, s)
+        _teacher(spec, lo, hi, t, x)
+        _, G = _values(spec, z, s, t, w, x, g_div[lo:hi])
+        gl = g_logp[lo:hi]
+        G.addcmul_(s, -gl[:, None])
+        G[torch.arange(hi - lo, device=G.device), tok[lo:hi]] += gl
+        if spec.temperature != 1.0:
+            G.div_(spec.temperature)
+        grads.add(G, h[lo:hi], lo, hi)
+    return grads.result(h, W, b)
 
 
 def fused_full_positions(cfg: ObjectiveConfig, hidden_BTH: Tensor, weight_VH: Tensor, bias_V: Tensor | None,
-                         temperature: float, tokens_BT: Tensor, mask_BT: Tensor, teacher: FullSignal) -> dict:
+                         temperature: float, tokens_BT: Tensor, mask_BT: Tensor, teacher: FullSignal,
+                         loss_weights_BT: Tensor | None = None) -> dict:
     """`dense.chunked_positions` for the full estimator with a closed-form divergence, from hidden states: the same
-    dict of [B, T] tensors (logp and div with gradient; ent_s, ent_t, kl detached), zeros where mask_BT is False."""
+    dict of [B, T] tensors (logp and div with gradient; ent_s, ent_t, kl detached), zeros where mask_BT is False.
+
+    `loss_weights_BT`: what the caller's loss will multiply each position's divergence by, up to one constant factor
+    (e.g. the mask for a token mean), if it knows it now. The gradient is then computed during this forward, with no
+    recompute in backward; a backward whose incoming gradient turns out otherwise recomputes, so a wrong guess costs
+    time, never correctness."""
     if not fused_supported(cfg):
         raise ValueError(f"the fused update computes objective.estimator=full with divergence in "
                          f"{', '.join(CLOSED_FORMS)}; got estimator={cfg.estimator}, divergence={cfg.divergence} "
@@ -231,6 +293,8 @@ def fused_full_positions(cfg: ObjectiveConfig, hidden_BTH: Tensor, weight_VH: Te
         return out
     spec = _Spec(kind, beta, float(temperature), chunk_rows(cfg.chunk_size, int(weight_VH.shape[0])), teacher,
                  b_idx, t_idx)
+    if loss_weights_BT is not None and torch.is_grad_enabled():
+        spec.weights = loss_weights_BT.detach()[b_idx, t_idx]
     logp, div, ent_s, ent_t, kl = _FusedFull.apply(hidden_BTH[b_idx, t_idx], weight_VH, bias_V,
                                                    tokens_BT[b_idx, t_idx], spec)
     for name, vals in zip(("logp", "div", "ent_s", "ent_t", "kl"), (logp, div, ent_s, ent_t, kl), strict=True):

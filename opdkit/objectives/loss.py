@@ -273,6 +273,22 @@ def compute_advantages(cfg: ObjectiveConfig, student_logprobs_BT: Tensor, teache
     return adv, metrics
 
 
+def _divergence_weights(cfg: ObjectiveConfig, mask_BT: Tensor, selected_BT: Tensor | None) -> Tensor | None:
+    """What `aggregate(cfg.aggregation)` will multiply each token's divergence by, up to one constant, when the loss
+    is the divergence alone and the kept tokens are known before the forward pass; None when entropy selection will
+    decide them from this pass's entropies. (The fused path uses it to compute the gradient in forward.)"""
+    if selected_BT is not None:
+        keep = mask_BT & selected_BT.bool()
+    elif cfg.entropy_keep_fraction >= 1.0:
+        keep = mask_BT
+    else:
+        return None
+    w = keep.double()
+    if cfg.aggregation == "seq_mean_token_mean":
+        w = w / w.sum(-1, keepdim=True).clamp(min=1.0)
+    return w
+
+
 # ----------------------------------------------------------------------------------------------- main entry
 def opd_per_token_loss(cfg: ObjectiveConfig, *, tokens_BT: Tensor, mask_BT: Tensor, teacher: TeacherSignal,
                        logits_BTV: Tensor | None = None, hidden_BTH: Tensor | None = None,
@@ -308,8 +324,10 @@ def opd_per_token_loss(cfg: ObjectiveConfig, *, tokens_BT: Tensor, mask_BT: Tens
         if divergence is not None or hidden_BTH is None or lm_head_weight_VH is None or not isinstance(teacher, FullSignal):
             raise ValueError("fused=True needs hidden_BTH + lm_head_weight_VH, a FullSignal teacher and no custom "
                              "divergence")
+        hybrid = task_rewards_B is not None and cfg.task_reward_coef != 0.0
+        weights = None if hybrid or behaviour_logprobs_BT is not None else _divergence_weights(cfg, mask, selected_BT)
         cols = fused_full_positions(cfg, hidden_BTH, lm_head_weight_VH, lm_head_bias_V, temperature, tokens_BT, mask,
-                                    teacher)
+                                    teacher, weights)
     else:
         cols = chunked_positions(cfg, div, src, tokens_BT, mask, dense_teacher, need_ent_s)
     logp = cols["logp"]

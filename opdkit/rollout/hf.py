@@ -69,8 +69,9 @@ def _generate_rows(
         zero = torch.zeros((), dtype=samp_logp_BV.dtype, device=samp_logp_BV.device)
         # where, not *: after EOS the pad id may have -inf log-prob under the filtered distribution
         samp_lps.append(torch.where(alive_B, samp_logp_BV.gather(-1, safe_B1).squeeze(-1), zero))
-        model_lp_B = torch.log_softmax(logits_BV, dim=-1).gather(-1, safe_B1).squeeze(-1)
-        model_lps.append(torch.where(alive_B, model_lp_B, zero))
+        # unfiltered (temperature 1, no top-k/top-p): the model's log-probs are the sampler's, computed once
+        model_logp_BV = samp_logp_BV if filt_BV is logits_BV else torch.log_softmax(logits_BV, dim=-1)
+        model_lps.append(torch.where(alive_B, model_logp_BV.gather(-1, safe_B1).squeeze(-1), zero))
         toks.append(tok_B)
         alive.append(alive_B)
         done_B = done_B | torch.isin(tok_B, eos_B)

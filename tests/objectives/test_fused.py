@@ -113,3 +113,46 @@ def test_chunk_rows_caps_the_work_buffers():
     assert chunk_rows(1024, 512) == 1024
     assert chunk_rows(1024, 32000) == (1 << 22) // 32000 == 131
     assert chunk_rows(4, 10**9) == 1
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "sum"])
+def test_fused_gradient_in_forward_takes_no_recompute(monkeypatch, agg):
+    """A loss that is the divergence alone, aggregated as cfg.aggregation: the gradient is formed during forward
+    and backward never recomputes a chunk (the recompute is made to fail); values and gradients still equal the
+    generic path."""
+    import opdkit.objectives.fused as F
+    for divergence, beta in [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3)]:
+        cfg = ObjectiveConfig(estimator="full", divergence=divergence, beta=beta, chunk_size=4, aggregation=agg)
+        args = _case(6, True, True)
+        lg, _, _, gg = _run(cfg, False, *args, 0.7, agg)
+        with monkeypatch.context() as m:
+            m.setattr(F, "_recompute", lambda *a: pytest.fail("recomputed although the weights were announced"))
+            lf, _, _, gf = _run(cfg, True, *args, 0.7, agg)
+        assert abs(lf.item() - lg.item()) < 1e-10
+        for a, c in zip(gf, gg, strict=True):
+            assert torch.allclose(a, c, atol=1e-10, rtol=0)
+
+
+def test_fused_other_loss_weights_fall_back_to_the_recompute(monkeypatch):
+    """The announced weights (a token mean) are not what the loss applies (random per-token weights): backward
+    notices and recomputes; the gradients equal the generic path's for the loss actually taken."""
+    import opdkit.objectives.fused as F
+    cfg = ObjectiveConfig(estimator="full", divergence="jsd", beta=0.5, chunk_size=4)
+    h, W, b, tok, mask, sig = _case(7, True, False)
+    w_BT = torch.rand(B, T, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    calls = []
+    real = F._recompute
+    monkeypatch.setattr(F, "_recompute", lambda *a: calls.append(1) or real(*a))
+    out = []
+    for fused in (True, False):
+        hh, WW = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+        kw = dict(tokens_BT=tok, mask_BT=mask, teacher=sig)
+        if fused:
+            per, _ = opd_per_token_loss(cfg, hidden_BTH=hh, lm_head_weight_VH=WW, lm_head_bias_V=b, fused=True, **kw)
+        else:
+            per, _ = opd_per_token_loss(cfg, logits_BTV=torch.nn.functional.linear(hh, WW, b), **kw)
+        (per.loss_BT * w_BT).sum().backward()
+        out.append((hh.grad, WW.grad))
+    assert calls == [1]
+    for a, c in zip(out[0], out[1], strict=True):
+        assert torch.allclose(a, c, atol=1e-10, rtol=0)
