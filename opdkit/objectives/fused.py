@@ -98,8 +98,10 @@ def _logits_(h: Tensor, W: Tensor, b: Tensor | None, temperature: float, out: Te
         out.div_(temperature)
 
 
-def _teacher(spec: _Spec, lo: int, hi: int, out: Tensor, scratch: Tensor) -> Tensor:
-    """Teacher log-probs of positions lo:hi, floored at LOGPROB_FLOOR (as `Divergence.term`), into `out`."""
+def _teacher(spec: _Spec, lo: int, hi: int, out: Tensor, scratch: Tensor) -> bool:
+    """Teacher log-probs of positions lo:hi, floored at LOGPROB_FLOOR (as `Divergence.term`), into `out`. True when
+    `scratch` then holds the teacher's probabilities (from its log-softmax: the floor changes none of them, as
+    exp(-1e4) is 0 in float32/64)."""
     bi, ti = spec.b_idx[lo:hi], spec.t_idx[lo:hi]
     sig = spec.teacher
     if sig.logprobs_BTV is not None:
@@ -112,9 +114,12 @@ def _teacher(spec: _Spec, lo: int, hi: int, out: Tensor, scratch: Tensor) -> Ten
     elif sig.head_weight_VH.dtype == out.dtype:  # its logits straight into the buffer, as the student's
         _logits_(sig.hidden_BTH[bi, ti], sig.head_weight_VH, sig.head_bias_V, sig.temperature, out)
         _log_softmax_(out, scratch)
+        out.clamp_(min=LOGPROB_FLOOR)
+        return True
     else:
         out.copy_(sig.logprobs_chunk(bi, ti))
-    return out.clamp_(min=LOGPROB_FLOOR)
+    out.clamp_(min=LOGPROB_FLOOR)
+    return False
 
 
 def _dot(a: Tensor, b: Tensor, scratch: Tensor) -> Tensor:
@@ -129,13 +134,14 @@ def _log_m(beta: float, s: Tensor, tp: Tensor, out: Tensor) -> Tensor:
     return out.clamp_(min=torch.finfo(out.dtype).tiny).log_()
 
 
-def _values(spec: _Spec, ls: Tensor, s: Tensor, lt: Tensor, w: Tensor, x: Tensor, g: Tensor | None):
+def _values(spec: _Spec, ls: Tensor, s: Tensor, lt: Tensor, w: Tensor, x: Tensor, g: Tensor | None,
+            x_is_tp: bool = False):
     """(divergence, student entropy, teacher entropy, reverse KL) per row of one chunk, and with per-row loss weights
     g [n] also G = g * dD/dz [n, V] (z the tempered logits) in one of the scratch buffers w, x (None without g).
-    ls, s, lt are only read."""
+    ls, s, lt are only read; `x_is_tp`: x already holds exp(lt)."""
     ent_s = -_dot(s, ls, w)
     kl = -ent_s - _dot(s, lt, w)              # sum s (log s - log t)
-    tp = torch.exp(lt, out=x)                 # teacher probabilities
+    tp = x if x_is_tp else torch.exp(lt, out=x)   # teacher probabilities
     ent_t = -_dot(tp, lt, w)
     if spec.kind == "reverse_kl":             # dD/dz = s (log s - log t - D)
         G = None if g is None else torch.sub(ls, lt, out=w).sub_(kl[:, None]).mul_(s).mul_(g[:, None])
@@ -214,10 +220,10 @@ class _FusedFull(torch.autograd.Function):
             z, s, t, w, x = buf.view(hi - lo)
             _logits_(h[lo:hi], Wc, b, spec.temperature, z)
             _log_softmax_(z, s)
-            _teacher(spec, lo, hi, t, x)
+            tp_ready = _teacher(spec, lo, hi, t, x)
             out[0][lo:hi] = z[ar[:hi - lo], tok[lo:hi]]
             g = None if pre is None else spec.weights[lo:hi].to(dtype)
-            vals, G = _values(spec, z, s, t, w, x, g)
+            vals, G = _values(spec, z, s, t, w, x, g, tp_ready)
             for i, v in enumerate(vals, start=1):
                 out[i][lo:hi] = v
             if pre is not None:
@@ -257,8 +263,8 @@ def _recompute(spec: _Spec, h, W, b, tok, g_logp, g_div, needs: tuple) -> tuple:
         z, s, t, w, x = buf.view(hi - lo)
         _logits_(h[lo:hi], Wc, b, spec.temperature, z)
         _log_softmax_(z, s)
-        _teacher(spec, lo, hi, t, x)
-        _, G = _values(spec, z, s, t, w, x, g_div[lo:hi])
+        tp_ready = _teacher(spec, lo, hi, t, x)
+        _, G = _values(spec, z, s, t, w, x, g_div[lo:hi], tp_ready)
         gl = g_logp[lo:hi]
         G.addcmul_(s, -gl[:, None])
         G[torch.arange(hi - lo, device=G.device), tok[lo:hi]] += gl
