@@ -83,7 +83,7 @@ def main() -> None:
         print(f"vLLM server of {path}: up in {time.perf_counter() - t0:.0f} s", flush=True)
         cases.append(("server (vLLM, fp32)", ["teacher.backend=server", f"teacher.server.url={server.url}"]))
     print(f"setting {a.setting}, {a.steps} steps per backend, 1 torch thread; cpu count {os.cpu_count()}")
-    print(f"| backend | score s/step (median) | step s (median) | wall s | load before/after | backend counters |")
+    print("| backend | score s/step (median) | step s (median) | wall s | load before/after | backend counters |")
     print("|---|---|---|---|---|---|")
     summary = []
     try:

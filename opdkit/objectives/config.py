@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from opdkit.config import h
+from opdkit.validate import choice, in_range
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tv", "alpha")
 ESTIMATORS = ("sampled", "topk", "full")
@@ -21,19 +22,6 @@ ENTROPY_SOURCES = ("student", "teacher")
 ENTROPY_SCOPES = ("batch", "sample")
 RETURNS_AT_MASK = ("carry", "restart", "skip")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "sum")
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"objective.{name}={value!r} is not one of {', '.join(allowed)}")
-
-
-def _in_range(name: str, value: float, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
-        raise ValueError(f"objective.{name}={value!r} must be a number in {lb}{lo}, {hi}{rb}")
 
 
 # Knobs that switch on a method only one estimator runs, with the value that leaves it off. Any other value with
@@ -155,18 +143,18 @@ class ObjectiveConfig:
     )
 
     def __post_init__(self) -> None:
-        _choice("divergence", self.divergence, DIVERGENCES)
-        _choice("estimator", self.estimator, ESTIMATORS)
-        _choice("gradient", self.gradient, GRADIENTS)
-        _choice("reward", self.reward, REWARDS)
-        _choice("transform", self.transform, TRANSFORMS)
-        _choice("pg", self.pg, PG_FORMS)
-        _choice("entropy_source", self.entropy_source, ENTROPY_SOURCES)
-        _choice("entropy_scope", self.entropy_scope, ENTROPY_SCOPES)
-        _choice("returns_at_mask", self.returns_at_mask, RETURNS_AT_MASK)
-        _choice("aggregation", self.aggregation, AGGREGATIONS)
-        _in_range("beta", self.beta, 0.0, 1.0)
-        _in_range("alpha", self.alpha, -1e6, 1e6)
+        choice("objective", "divergence", self.divergence, DIVERGENCES)
+        choice("objective", "estimator", self.estimator, ESTIMATORS)
+        choice("objective", "gradient", self.gradient, GRADIENTS)
+        choice("objective", "reward", self.reward, REWARDS)
+        choice("objective", "transform", self.transform, TRANSFORMS)
+        choice("objective", "pg", self.pg, PG_FORMS)
+        choice("objective", "entropy_source", self.entropy_source, ENTROPY_SOURCES)
+        choice("objective", "entropy_scope", self.entropy_scope, ENTROPY_SCOPES)
+        choice("objective", "returns_at_mask", self.returns_at_mask, RETURNS_AT_MASK)
+        choice("objective", "aggregation", self.aggregation, AGGREGATIONS)
+        in_range("objective", "beta", self.beta, 0.0, 1.0)
+        in_range("objective", "alpha", self.alpha, -1e6, 1e6)
         # (the 1e-12 slack lets the typed 1.001 and 0.999 through: 1.001 - 1 rounds below 1e-3)
         if self.alpha not in (0.0, 1.0) and min(abs(self.alpha), abs(self.alpha - 1.0)) < ALPHA_LIMIT_GAP - 1e-12:
             limit = 0.0 if abs(self.alpha) < ALPHA_LIMIT_GAP else 1.0
@@ -175,13 +163,13 @@ class ObjectiveConfig:
                 f"(u^alpha - 1 - alpha (u - 1)) / (alpha (alpha - 1)) cancels catastrophically (float32 rounding "
                 f"amplified ~1/|alpha (alpha - 1)|, non-finite below ~1e-38) while the divergence differs from its "
                 f"limit by O({ALPHA_LIMIT_GAP}); set objective.alpha={limit:g} (computed in exact closed form)")
-        _in_range("tanh_tau", self.tanh_tau, 0.0, math.inf, lo_open=True, hi_open=True)
-        _in_range("power_a", self.power_a, 0.0, math.inf, lo_open=True, hi_open=True)
-        _in_range("gamma", self.gamma, 0.0, 1.0)
-        _in_range("eps_low", self.eps_low, 0.0, 1.0, hi_open=True)
-        _in_range("eps_high", self.eps_high, 0.0, math.inf, hi_open=True)
-        _in_range("entropy_keep_fraction", self.entropy_keep_fraction, 0.0, 1.0, lo_open=True)
-        _in_range("log_ratio_bound", self.log_ratio_bound, 0.0, 700.0, lo_open=True)
+        in_range("objective", "tanh_tau", self.tanh_tau, 0.0, math.inf, lo_open=True, hi_open=True)
+        in_range("objective", "power_a", self.power_a, 0.0, math.inf, lo_open=True, hi_open=True)
+        in_range("objective", "gamma", self.gamma, 0.0, 1.0)
+        in_range("objective", "eps_low", self.eps_low, 0.0, 1.0, hi_open=True)
+        in_range("objective", "eps_high", self.eps_high, 0.0, math.inf, hi_open=True)
+        in_range("objective", "entropy_keep_fraction", self.entropy_keep_fraction, 0.0, 1.0, lo_open=True)
+        in_range("objective", "log_ratio_bound", self.log_ratio_bound, 0.0, 700.0, lo_open=True)
         if not (isinstance(self.task_reward_coef, (int, float)) and not isinstance(self.task_reward_coef, bool)
                 and math.isfinite(self.task_reward_coef) and abs(self.task_reward_coef) <= TASK_REWARD_COEF_MAX):
             raise ValueError(

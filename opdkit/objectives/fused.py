@@ -20,7 +20,6 @@ see docs/performance.md). Proven equal to the generic path in float64 (tests/obj
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

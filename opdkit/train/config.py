@@ -11,29 +11,12 @@ from dataclasses import dataclass, field
 from opdkit.config import h
 from opdkit.diagnostics import DetectorConfig
 from opdkit.objectives.config import ObjectiveConfig
+from opdkit.validate import choice, in_range, pos_int
 
 EMBEDDED_STUDENT = "embedded:student"
 EMBEDDED_TEACHER = "embedded:teacher"
 DTYPES = ("auto", "float32", "bfloat16", "float64")
 TEACHER_BACKENDS = ("hf", "self", "self_live", "server")
-
-
-def _pos_int(section: str, name: str, value, allow_zero: bool = False) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value >= 1)
-    if not ok:
-        raise ValueError(f"{section}.{name}={value!r} must be an integer >= {0 if allow_zero else 1}")
-
-
-def _range(section: str, name: str, value, lo: float, hi: float, lo_open=False, hi_open=False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        raise ValueError(f"{section}.{name}={value!r} must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
-
-
-def _choice(section: str, name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{section}.{name}={value!r} is not one of {', '.join(allowed)}")
 
 
 @dataclass
@@ -57,11 +40,11 @@ class ModelConfig:
     lora_target_modules: list[str] = h("LoRA target module names", default_factory=lambda: ["q_proj", "v_proj"])
 
     def __post_init__(self) -> None:
-        _choice("model", "dtype", self.dtype, ("float32", "bfloat16", "float64"))
+        choice("model", "dtype", self.dtype, ("float32", "bfloat16", "float64"))
         if self.teacher_dtype is not None:
-            _choice("model", "teacher_dtype", self.teacher_dtype, DTYPES)
-        _pos_int("model", "lora_r", self.lora_r, allow_zero=True)
-        _range("model", "lora_dropout", self.lora_dropout, 0.0, 1.0, hi_open=True)
+            choice("model", "teacher_dtype", self.teacher_dtype, DTYPES)
+        pos_int("model", "lora_r", self.lora_r, allow_zero=True)
+        in_range("model", "lora_dropout", self.lora_dropout, 0.0, 1.0, hi_open=True)
         if not self.student:
             raise ValueError("model.student is empty: give a model dir, .gguf file, config file or embedded:student")
 
@@ -96,9 +79,9 @@ class DataConfig:
                                "use; then every row of data.prompts trains (no hash split)", default=None)
 
     def __post_init__(self) -> None:
-        _choice("data", "on_too_long", self.on_too_long, ("skip", "truncate"))
-        _pos_int("data", "max_prompt_tokens", self.max_prompt_tokens)
-        _pos_int("data", "eval_prompts", self.eval_prompts, allow_zero=True)
+        choice("data", "on_too_long", self.on_too_long, ("skip", "truncate"))
+        pos_int("data", "max_prompt_tokens", self.max_prompt_tokens)
+        pos_int("data", "eval_prompts", self.eval_prompts, allow_zero=True)
         if self.eval_jsonl is not None:
             if self.prompts.startswith("task:"):
                 raise ValueError(f"data.eval_jsonl is for datasets: data.prompts={self.prompts} is a built-in task, "
@@ -131,21 +114,21 @@ class VLLMRolloutConfig:
     rows_per_request: int = h("prompts per /v1/completions request", default=16)
 
     def __post_init__(self) -> None:
-        _choice("vllm", "mode", self.mode, ("server", "colocate"))
-        _choice("vllm", "dtype", self.dtype, ("float32", "bfloat16"))
+        choice("vllm", "mode", self.mode, ("server", "colocate"))
+        choice("vllm", "dtype", self.dtype, ("float32", "bfloat16"))
         if self.url is not None and not self.url.startswith(("http://", "https://")):
             raise ValueError(f"vllm.url={self.url!r} must start with http:// or https://")
         if self.url is not None and self.mode == "colocate":
             raise ValueError("vllm.url is a server: it excludes vllm.mode=colocate")
         if self.max_model_len is not None:
-            _pos_int("vllm", "max_model_len", self.max_model_len)
-        _pos_int("vllm", "kv_cache_gib", self.kv_cache_gib)
-        _range("vllm", "gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, lo_open=True)
-        _range("vllm", "startup_timeout_s", self.startup_timeout_s, 0.0, 1e6, lo_open=True)
-        _range("vllm", "timeout_s", self.timeout_s, 0.0, 1e6, lo_open=True)
-        _pos_int("vllm", "retries", self.retries, allow_zero=True)
-        _pos_int("vllm", "concurrency", self.concurrency)
-        _pos_int("vllm", "rows_per_request", self.rows_per_request)
+            pos_int("vllm", "max_model_len", self.max_model_len)
+        pos_int("vllm", "kv_cache_gib", self.kv_cache_gib)
+        in_range("vllm", "gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, lo_open=True)
+        in_range("vllm", "startup_timeout_s", self.startup_timeout_s, 0.0, 1e6, lo_open=True)
+        in_range("vllm", "timeout_s", self.timeout_s, 0.0, 1e6, lo_open=True)
+        pos_int("vllm", "retries", self.retries, allow_zero=True)
+        pos_int("vllm", "concurrency", self.concurrency)
+        pos_int("vllm", "rows_per_request", self.rows_per_request)
 
 
 @dataclass
@@ -184,20 +167,20 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         for name in ("prompts_per_step", "n_samples", "max_new_tokens"):
-            _pos_int("rollout", name, getattr(self, name))
+            pos_int("rollout", name, getattr(self, name))
         if self.max_turns is not None:
-            _pos_int("rollout", "max_turns", self.max_turns)
-        _pos_int("rollout", "top_k", self.top_k, allow_zero=True)
+            pos_int("rollout", "max_turns", self.max_turns)
+        pos_int("rollout", "top_k", self.top_k, allow_zero=True)
         if self.temperature is not None:
-            _range("rollout", "temperature", self.temperature, 0.0, 100.0, lo_open=True)
-        _range("rollout", "top_p", self.top_p, 0.0, 1.0, lo_open=True)
-        _range("rollout", "gkd_lambda", self.gkd_lambda, 0.0, 1.0)
-        _choice("rollout", "sampler", self.sampler, ("inverse_cdf", "multinomial"))
-        _choice("rollout", "backend", self.backend, ("hf", "vllm"))
-        _pos_int("rollout", "weight_sync_steps", self.weight_sync_steps)
+            in_range("rollout", "temperature", self.temperature, 0.0, 100.0, lo_open=True)
+        in_range("rollout", "top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        in_range("rollout", "gkd_lambda", self.gkd_lambda, 0.0, 1.0)
+        choice("rollout", "sampler", self.sampler, ("inverse_cdf", "multinomial"))
+        choice("rollout", "backend", self.backend, ("hf", "vllm"))
+        pos_int("rollout", "weight_sync_steps", self.weight_sync_steps)
         if self.max_staleness is not None:
-            _pos_int("rollout", "max_staleness", self.max_staleness, allow_zero=True)
-        _range("rollout", "is_truncation", self.is_truncation, 1.0, 1e6)
+            pos_int("rollout", "max_staleness", self.max_staleness, allow_zero=True)
+        in_range("rollout", "is_truncation", self.is_truncation, 1.0, 1e6)
         if self.backend == "hf" and self.weight_sync_steps != 1:
             raise ValueError("rollout.weight_sync_steps applies to rollout.backend=vllm (the HF rollout samples from "
                              "the live student)")
@@ -230,13 +213,13 @@ class ServerConfig:
             raise ValueError(f"server.url={self.url!r} must start with http:// or https://")
         if self.url is not None and self.launch:
             raise ValueError("server.url and server.launch=true exclude each other: connect to a server, or start one")
-        _pos_int("server", "max_logprobs", self.max_logprobs)
-        _pos_int("server", "kv_cache_gib", self.kv_cache_gib)
-        _range("server", "startup_timeout_s", self.startup_timeout_s, 0.0, 1e6, lo_open=True)
-        _range("server", "timeout_s", self.timeout_s, 0.0, 1e6, lo_open=True)
-        _pos_int("server", "retries", self.retries, allow_zero=True)
-        _pos_int("server", "concurrency", self.concurrency)
-        _pos_int("server", "rows_per_request", self.rows_per_request)
+        pos_int("server", "max_logprobs", self.max_logprobs)
+        pos_int("server", "kv_cache_gib", self.kv_cache_gib)
+        in_range("server", "startup_timeout_s", self.startup_timeout_s, 0.0, 1e6, lo_open=True)
+        in_range("server", "timeout_s", self.timeout_s, 0.0, 1e6, lo_open=True)
+        pos_int("server", "retries", self.retries, allow_zero=True)
+        pos_int("server", "concurrency", self.concurrency)
+        pos_int("server", "rows_per_request", self.rows_per_request)
 
 
 @dataclass
@@ -274,11 +257,11 @@ class TeacherConfig:
                                     "them)", default="safe")
 
     def __post_init__(self) -> None:
-        _choice("teacher", "backend", self.backend, TEACHER_BACKENDS)
-        _choice("teacher", "dtype", self.dtype, DTYPES)
+        choice("teacher", "backend", self.backend, TEACHER_BACKENDS)
+        choice("teacher", "dtype", self.dtype, DTYPES)
         if "{prompt}" not in self.privileged_template or "{privileged}" not in self.privileged_template:
             raise ValueError("teacher.privileged_template must contain {prompt} and {privileged}")
-        _pos_int("teacher", "score_chunk_size", self.score_chunk_size)
+        pos_int("teacher", "score_chunk_size", self.score_chunk_size)
         if not self.model:
             raise ValueError("teacher.model is empty: give a model dir, .gguf file or embedded:teacher")
         for key, spec in self.routes.items():
@@ -290,7 +273,7 @@ class TeacherConfig:
         if self.routes and self.backend != "hf":
             raise ValueError(f"teacher.routes and teacher.backend={self.backend} exclude each other: each route names "
                              "its own teacher (a model spec or server:<url>)")
-        _choice("teacher", "cross_tokenizer_chunks", self.cross_tokenizer_chunks, ("safe", "minimal"))
+        choice("teacher", "cross_tokenizer_chunks", self.cross_tokenizer_chunks, ("safe", "minimal"))
         if not isinstance(self.cross_tokenizer, bool):
             raise ValueError(f"teacher.cross_tokenizer={self.cross_tokenizer!r} must be true or false")
         if self.cross_tokenizer and (self.backend != "hf" or self.routes):
@@ -329,18 +312,18 @@ class OptimConfig:
                         "on (or a one-line error why not), off (generic autograd path)", default="auto")
 
     def __post_init__(self) -> None:
-        _range("optim", "lr", self.lr, 0.0, 1.0, lo_open=True)
-        _range("optim", "weight_decay", self.weight_decay, 0.0, 10.0)
-        _range("optim", "beta1", self.beta1, 0.0, 1.0, hi_open=True)
-        _range("optim", "beta2", self.beta2, 0.0, 1.0, hi_open=True)
+        in_range("optim", "lr", self.lr, 0.0, 1.0, lo_open=True)
+        in_range("optim", "weight_decay", self.weight_decay, 0.0, 10.0)
+        in_range("optim", "beta1", self.beta1, 0.0, 1.0, hi_open=True)
+        in_range("optim", "beta2", self.beta2, 0.0, 1.0, hi_open=True)
         if self.warmup_steps is not None:
-            _pos_int("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
-        _choice("optim", "schedule", self.schedule, ("constant", "cosine"))
-        _range("optim", "grad_clip", self.grad_clip, 0.0, math.inf, hi_open=True)
-        _pos_int("optim", "micro_batch_size", self.micro_batch_size)
-        _pos_int("optim", "ppo_epochs", self.ppo_epochs)
-        _pos_int("optim", "max_skipped_steps", self.max_skipped_steps)
-        _choice("optim", "fused_loss", self.fused_loss, ("auto", "on", "off"))
+            pos_int("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
+        choice("optim", "schedule", self.schedule, ("constant", "cosine"))
+        in_range("optim", "grad_clip", self.grad_clip, 0.0, math.inf, hi_open=True)
+        pos_int("optim", "micro_batch_size", self.micro_batch_size)
+        pos_int("optim", "ppo_epochs", self.ppo_epochs)
+        pos_int("optim", "max_skipped_steps", self.max_skipped_steps)
+        choice("optim", "fused_loss", self.fused_loss, ("auto", "on", "off"))
 
 
 @dataclass
@@ -377,12 +360,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._resolve_teacher_shorthands()
-        _pos_int("train", "steps", self.steps)
-        _range("train", "max_seconds", self.max_seconds, 0.0, math.inf, hi_open=True)
-        _pos_int("train", "threads", self.threads)
-        _pos_int("train", "save_every", self.save_every, allow_zero=True)
-        _pos_int("train", "keep_last", self.keep_last)
-        _pos_int("train", "eval_every", self.eval_every, allow_zero=True)
+        pos_int("train", "steps", self.steps)
+        in_range("train", "max_seconds", self.max_seconds, 0.0, math.inf, hi_open=True)
+        pos_int("train", "threads", self.threads)
+        pos_int("train", "save_every", self.save_every, allow_zero=True)
+        pos_int("train", "keep_last", self.keep_last)
+        pos_int("train", "eval_every", self.eval_every, allow_zero=True)
         obj = self.objective
         if self.rollout.temperature is None:
             self.rollout.temperature = 1.0 if obj.estimator == "sampled" else 0.7

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import signal
 import sys
 import time
 import warnings

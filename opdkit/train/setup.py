@@ -232,7 +232,7 @@ def served_model_dir(cfg) -> str:
 def server_teacher(cfg, tok, url: str | None = None, dist=None):
     """A vLLM teacher server (teacher.server): connected to, or launched on 127.0.0.1 for teacher.model (under
     torchrun by rank 0, every rank connecting to it); its tokenizer checked against the student's `tok`."""
-    from opdkit.teacher.server import LaunchedServer, ServerTeacher
+    from opdkit.teacher.server import ServerTeacher
 
     s = cfg.teacher.server
     launched = None

@@ -27,19 +27,7 @@ import torch
 
 from opdkit.config import config_hash, h, help_text, load_config
 from opdkit.errors import RunFailed, UserError, one_line, run_cli
-
-
-def _pos_int(section: str, name: str, value, allow_zero: bool = False) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value >= 1)
-    if not ok:
-        raise ValueError(f"{section}.{name}={value!r} must be an integer >= {0 if allow_zero else 1}")
-
-
-def _range(section: str, name: str, value, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        raise ValueError(f"{section}.{name}={value!r} must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+from opdkit.validate import choice, in_range, pos_int
 
 
 @dataclass
@@ -61,11 +49,11 @@ class SFTModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
-            _pos_int("model", name, getattr(self, name))
+            pos_int("model", name, getattr(self, name))
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads}")
         if self.num_kv_heads is not None:
-            _pos_int("model", "num_kv_heads", self.num_kv_heads)
+            pos_int("model", "num_kv_heads", self.num_kv_heads)
             if self.num_heads % self.num_kv_heads:
                 raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
         if self.init == "":
@@ -103,15 +91,14 @@ class SFTDataConfig:
                      "py:<module>:<fn> or py:<file.py>:<fn>: imports and runs that code)", default="marker:=>")
 
     def __post_init__(self) -> None:
-        _range("data", "perturbed_fraction", self.perturbed_fraction, 0.0, 1.0)
-        _range("data", "sample_temperature", self.sample_temperature, 0.0, 100.0)
-        _range("data", "sample_top_p", self.sample_top_p, 0.0, 1.0, lo_open=True)
-        _pos_int("data", "batch_size", self.batch_size)
-        _pos_int("data", "eval_prompts", self.eval_prompts, allow_zero=True)
+        in_range("data", "perturbed_fraction", self.perturbed_fraction, 0.0, 1.0)
+        in_range("data", "sample_temperature", self.sample_temperature, 0.0, 100.0)
+        in_range("data", "sample_top_p", self.sample_top_p, 0.0, 1.0, lo_open=True)
+        pos_int("data", "batch_size", self.batch_size)
+        pos_int("data", "eval_prompts", self.eval_prompts, allow_zero=True)
         if self.max_new_tokens is not None:
-            _pos_int("data", "max_new_tokens", self.max_new_tokens)
-        if self.recovery not in ("resume", "redo"):
-            raise ValueError(f"data.recovery={self.recovery!r} is not one of resume, redo")
+            pos_int("data", "max_new_tokens", self.max_new_tokens)
+        choice("data", "recovery", self.recovery, ("resume", "redo"))
         if self.jsonl is not None and self.jsonl.startswith("task:"):  # opdkit train's data.prompts=task:<name>
             raise ValueError(f"data.jsonl={self.jsonl} names a built-in task: opdkit sft takes "
                              f"data.task={self.jsonl[len('task:'):]}")
@@ -140,17 +127,16 @@ class SFTOptimConfig:
                                "row the run stops with a checkpoint (exit code 3)", default=10)
 
     def __post_init__(self) -> None:
-        _range("optim", "lr", self.lr, 0.0, 1.0, lo_open=True)
-        _range("optim", "weight_decay", self.weight_decay, 0.0, 10.0)
-        _range("optim", "beta1", self.beta1, 0.0, 1.0, hi_open=True)
-        _range("optim", "beta2", self.beta2, 0.0, 1.0, hi_open=True)
-        _pos_int("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"optim.schedule={self.schedule!r} is not one of constant, cosine")
-        _range("optim", "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _range("optim", "grad_clip", self.grad_clip, 0.0, math.inf, hi_open=True)
-        _pos_int("optim", "micro_batch_size", self.micro_batch_size)
-        _pos_int("optim", "max_skipped_steps", self.max_skipped_steps)
+        in_range("optim", "lr", self.lr, 0.0, 1.0, lo_open=True)
+        in_range("optim", "weight_decay", self.weight_decay, 0.0, 10.0)
+        in_range("optim", "beta1", self.beta1, 0.0, 1.0, hi_open=True)
+        in_range("optim", "beta2", self.beta2, 0.0, 1.0, hi_open=True)
+        pos_int("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
+        choice("optim", "schedule", self.schedule, ("constant", "cosine"))
+        in_range("optim", "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        in_range("optim", "grad_clip", self.grad_clip, 0.0, math.inf, hi_open=True)
+        pos_int("optim", "micro_batch_size", self.micro_batch_size)
+        pos_int("optim", "max_skipped_steps", self.max_skipped_steps)
 
 
 @dataclass
@@ -178,15 +164,15 @@ class SFTConfig:
     progress: bool = h("show progress", default=True)
 
     def __post_init__(self) -> None:
-        _pos_int("sft", "steps", self.steps)
-        _range("sft", "max_seconds", self.max_seconds, 0.0, math.inf, hi_open=True)
-        _pos_int("sft", "threads", self.threads)
-        _pos_int("sft", "max_teacher_tokens", self.max_teacher_tokens, allow_zero=True)
+        pos_int("sft", "steps", self.steps)
+        in_range("sft", "max_seconds", self.max_seconds, 0.0, math.inf, hi_open=True)
+        pos_int("sft", "threads", self.threads)
+        pos_int("sft", "max_teacher_tokens", self.max_teacher_tokens, allow_zero=True)
         if self.max_teacher_tokens and not self.data.samples_from:
             raise ValueError("sft.max_teacher_tokens needs data.samples_from (a teacher that generates the data)")
-        _pos_int("sft", "save_every", self.save_every, allow_zero=True)
-        _pos_int("sft", "keep_last", self.keep_last)
-        _pos_int("sft", "eval_every", self.eval_every, allow_zero=True)
+        pos_int("sft", "save_every", self.save_every, allow_zero=True)
+        pos_int("sft", "keep_last", self.keep_last)
+        pos_int("sft", "eval_every", self.eval_every, allow_zero=True)
         if self.resume and self.overwrite:
             raise ValueError("sft.resume=true and overwrite=true exclude each other: pick one")
 

@@ -4,7 +4,6 @@ detected and recomputed, and both wired into `opdkit train`."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 
-import torch
 
 from opdkit.checkpoint import save_model_dir
 from opdkit.teacher import HFTeacher
