@@ -80,6 +80,9 @@ def default_grid(quick: bool) -> dict:
     base = ["rollout.prompts_per_step=32", "rollout.temperature=1.0", "optim.lr=1e-3",
             f"steps={120 if quick else 300}", f"eval_every={40 if quick else 100}", "data.eval_prompts=200",
             "save_every=100",
+            # the failure detector warns but does not act: its lr backoff would change the method under test (it
+            # halved the stop-gradient runs' lr and stopped them), and the grid compares objectives as configured
+            "diagnostics.backoff_factor=1",
             # fp32 teacher on every machine, so the table in docs/results.md is what this grid gives anywhere
             "model.teacher_dtype=float32"]
     return {"base": base, "seeds": 3, "methods": methods}
@@ -393,6 +396,21 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(vals), t * statistics.stdev(vals) / math.sqrt(len(vals))
 
 
+def missing_runs(out: Path, methods: list[Method], seeds: int, results: dict) -> list[str]:
+    """One line per trained run that has no final model, with the error its log ended on (e.g. the failure
+    detector stopping a run whose responses kept running away)."""
+    lines = []
+    for m in methods:
+        for s in range(seeds):
+            if m.kind == "none" or s in results.get(m.name, {}):
+                continue
+            logs = sorted((out / "logs").glob(f"{m.name}_seed{s}*.log"), key=lambda f: f.stat().st_mtime)
+            err = [ln for ln in logs[-1].read_text().splitlines() if ln.startswith("opdkit: error:")] if logs else []
+            why = err[-1][len("opdkit: error: "):] if err else "no error line in its log"
+            lines.append(f"- {m.name} seed {s}: {why}" + (f" (logs/{logs[-1].name})" if logs else ""))
+    return lines
+
+
 def write_outputs(cfg: CompareConfig, out: Path, methods: list[Method], seeds: int, results: dict,
                   train_s: float, total_s: float) -> None:
     from opdkit.report.html import markdown_table, write_html
@@ -411,7 +429,8 @@ def write_outputs(cfg: CompareConfig, out: Path, methods: list[Method], seeds: i
         fmt = lambda x: "-" if x != x else f"{x:.3g}"  # noqa: E731
         choice = read_choice(out, m.name) if m.sweep is not None else None
         shown = m.name if choice is None else f"{m.name} ({choice['key']}={choice['value']})"
-        rows.append([shown, f"{100 * a:.1f} ± {100 * ai:.1f}", f"{100 * p:.1f} ± {100 * pi:.1f}",
+        pct = lambda x, half: "-" if x != x else f"{100 * x:.1f} ± {100 * half:.1f}"  # noqa: E731
+        rows.append([shown, pct(a, ai), pct(p, pi),
                      fmt(mean_ci(col["length"])[0]), fmt(mean_ci(col["grad_norm_final"])[0]),
                      fmt(mean_ci(col["grad_norm_max"])[0]), fmt(mean_ci(col["wall_s"])[0]),
                      fmt(mean_ci(col["teacher_tokens"])[0]), f"{len(per)}/{seeds}"]
@@ -429,7 +448,10 @@ def write_outputs(cfg: CompareConfig, out: Path, methods: list[Method], seeds: i
         note += (" Swept methods ran seed 0 once per value; the value with the best validation avg@k (held-out "
                  "problems that are not the test problems) was used for every seed.")
     sweep_md = ("\n\nSweeps (validation split):\n\n" + "\n".join(sweeps)) if sweeps else ""
-    (out / "results.md").write_text(f"# opdkit compare\n\n`{cmd}`\n\n{note}{sweep_md}\n\n{table}\n")
+    missing = missing_runs(out, methods, seeds, results)
+    missing_md = ("\n\nRuns without a final model (left out of their row):\n\n" + "\n".join(missing)
+                  if missing else "")
+    (out / "results.md").write_text(f"# opdkit compare\n\n`{cmd}`\n\n{note}{sweep_md}\n\n{table}{missing_md}\n")
     with open(out / "results.csv", "w", newline="") as fh:
         fields = ["method", "seed", "avg@k", "pass@k", "length", "grad_norm_final", "grad_norm_max", "wall_s",
                   "teacher_tokens", "cache_hit_rate", "run_dir"]

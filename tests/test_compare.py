@@ -117,3 +117,19 @@ def test_bad_sweep_is_one_line_exit_2(tmp_path, capsys, sweep, msg):
     err = [e for e in capsys.readouterr().err.splitlines() if e.strip()]
     assert len(err) == 1 and msg in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_runs_without_a_final_model_are_listed_with_the_error_their_log_ended_on(tmp_path):
+    """A run the failure detector stopped (or any failed run) is not silently a 'nan' row: results.md names it and
+    the error its log ended on; a run with no log says so."""
+    from opdkit.compare import Method, missing_runs
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "sg_seed1.log").write_text(
+        "[step 40] backoff: responses still run away\nopdkit: error: backoff: responses still run away after 3 "
+        "learning-rate backoffs; stopping with a checkpoint\n")
+    methods = [Method("sg"), Method("sft_init", kind="none")]
+    lines = missing_runs(tmp_path, methods, 3, {"sg": {0: {}}})
+    assert lines == ["- sg seed 1: backoff: responses still run away after 3 learning-rate backoffs; stopping with "
+                     "a checkpoint (logs/sg_seed1.log)", "- sg seed 2: no error line in its log"]
+
