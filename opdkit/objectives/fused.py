@@ -162,18 +162,19 @@ def _values(spec: _Spec, ls: Tensor, s: Tensor, lt: Tensor, w: Tensor, x: Tensor
 
 
 class _Grads:
-    """grad_hidden [N, H], grad_W [V, H], grad_bias [V], accumulated chunk by chunk from G = dLoss/dlogits."""
+    """grad_hidden [B, T, H] (zero off the selected positions), grad_W [V, H], grad_bias [V], accumulated chunk by
+    chunk from G = dLoss/dlogits."""
 
-    def __init__(self, h: Tensor, W: Tensor, b: Tensor | None, needs: tuple, Wc: Tensor) -> None:
+    def __init__(self, h: Tensor, W: Tensor, b: Tensor | None, needs: tuple, Wc: Tensor, spec: _Spec) -> None:
         dtype, dev = Wc.dtype, h.device
-        self.Wc = Wc
-        self.h = torch.empty(h.shape, dtype=dtype, device=dev) if needs[0] else None
+        self.Wc, self.spec = Wc, spec
+        self.h = torch.zeros(h.shape, dtype=dtype, device=dev) if needs[0] else None
         self.W = torch.zeros(W.shape, dtype=dtype, device=dev) if needs[1] else None
         self.b = torch.zeros(W.shape[0], dtype=dtype, device=dev) if (needs[2] and b is not None) else None
 
     def add(self, G: Tensor, h_chunk: Tensor, lo: int, hi: int) -> None:
         if self.h is not None:
-            torch.mm(G, self.Wc, out=self.h[lo:hi])
+            self.h[self.spec.b_idx[lo:hi], self.spec.t_idx[lo:hi]] = torch.mm(G, self.Wc)
         if self.W is not None:
             self.W.addmm_(G.t(), h_chunk.to(G.dtype))
         if self.b is not None:
@@ -195,8 +196,14 @@ def _proportional(g: Tensor, w: Tensor) -> float | None:
     return c if float((g.double() - c * w.double()).abs().max()) <= tol else None
 
 
+def _rows(spec: _Spec, h_BTH: Tensor, lo: int, hi: int) -> Tensor:
+    """The hidden states [hi - lo, H] of selected positions lo:hi (gathered per chunk: no [N, H] copy)."""
+    return h_BTH[spec.b_idx[lo:hi], spec.t_idx[lo:hi]]
+
+
 class _FusedFull(torch.autograd.Function):
-    """(hidden [N, H], W [V, H], bias [V] | None, tokens [N]) -> (log-prob of the token, divergence, entropies, KL).
+    """(hidden [B, T, H], W [V, H], bias [V] | None, tokens [N]) -> per selected position (spec.b_idx, spec.t_idx):
+    (log-prob of the token, divergence, entropies, KL), each [N].
 
     With spec.weights (the caller's per-row loss weights of the divergence, up to one constant) the gradient is
     computed in forward from the same chunk's buffers (Liger's fused-linear approach): backward only checks that the
@@ -206,18 +213,19 @@ class _FusedFull(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, W, b, tok, spec: _Spec):
-        N, V = h.shape[0], W.shape[0]
+        N, V = tok.shape[0], W.shape[0]
         dtype = torch.promote_types(h.dtype, torch.float32)
         c = min(spec.chunk, N)
         buf = _Buffers(c, V, dtype, h.device)
         out = [torch.empty(N, dtype=dtype, device=h.device) for _ in range(5)]
         ar = torch.arange(c, device=h.device)
         Wc = W.to(dtype)
-        pre = None if spec.weights is None else _Grads(h, W, b, ctx.needs_input_grad, Wc)
+        pre = None if spec.weights is None else _Grads(h, W, b, ctx.needs_input_grad, Wc, spec)
         for lo in range(0, N, c):
             hi = min(lo + c, N)
             z, s, t, w, x = buf.view(hi - lo)
-            _logits_(h[lo:hi], Wc, b, spec.temperature, z)
+            h_c = _rows(spec, h, lo, hi)
+            _logits_(h_c, Wc, b, spec.temperature, z)
             _log_softmax_(z, s)
             tp_ready = _teacher(spec, lo, hi, t, x)
             out[0][lo:hi] = z[ar[:hi - lo], tok[lo:hi]]
@@ -228,7 +236,7 @@ class _FusedFull(torch.autograd.Function):
             if pre is not None:
                 if spec.temperature != 1.0:
                     G.div_(spec.temperature)
-                pre.add(G, h[lo:hi], lo, hi)
+                pre.add(G, h_c, lo, hi)
         ctx.save_for_backward(h, W, b, tok)
         ctx.spec, ctx.pre = spec, pre
         ctx.mark_non_differentiable(out[2], out[3], out[4])
@@ -249,18 +257,19 @@ class _FusedFull(torch.autograd.Function):
 
 def _recompute(spec: _Spec, h, W, b, tok, g_logp, g_div, needs: tuple) -> tuple:
     """The backward that recomputes each chunk: dLoss/dz = g_div * dD/dz + g_logp * (onehot(tok) - s)."""
-    N, V = h.shape[0], W.shape[0]
+    N, V = tok.shape[0], W.shape[0]
     dtype = torch.promote_types(h.dtype, torch.float32)
     g_logp = torch.zeros(N, dtype=dtype, device=h.device) if g_logp is None else g_logp.to(dtype)
     g_div = torch.zeros(N, dtype=dtype, device=h.device) if g_div is None else g_div.to(dtype)
     c = min(spec.chunk, N)
     buf = _Buffers(c, V, dtype, h.device)
     Wc = W.to(dtype)
-    grads = _Grads(h, W, b, needs, Wc)
+    grads = _Grads(h, W, b, needs, Wc, spec)
     for lo in range(0, N, c):
         hi = min(lo + c, N)
         z, s, t, w, x = buf.view(hi - lo)
-        _logits_(h[lo:hi], Wc, b, spec.temperature, z)
+        h_c = _rows(spec, h, lo, hi)
+        _logits_(h_c, Wc, b, spec.temperature, z)
         _log_softmax_(z, s)
         tp_ready = _teacher(spec, lo, hi, t, x)
         _, G = _values(spec, z, s, t, w, x, g_div[lo:hi], tp_ready)
@@ -269,7 +278,7 @@ def _recompute(spec: _Spec, h, W, b, tok, g_logp, g_div, needs: tuple) -> tuple:
         G[torch.arange(hi - lo, device=G.device), tok[lo:hi]] += gl
         if spec.temperature != 1.0:
             G.div_(spec.temperature)
-        grads.add(G, h[lo:hi], lo, hi)
+        grads.add(G, h_c, lo, hi)
     return grads.result(h, W, b)
 
 
@@ -300,8 +309,7 @@ def fused_full_positions(cfg: ObjectiveConfig, hidden_BTH: Tensor, weight_VH: Te
                  b_idx, t_idx)
     if loss_weights_BT is not None and torch.is_grad_enabled():
         spec.weights = loss_weights_BT.detach()[b_idx, t_idx]
-    logp, div, ent_s, ent_t, kl = _FusedFull.apply(hidden_BTH[b_idx, t_idx], weight_VH, bias_V,
-                                                   tokens_BT[b_idx, t_idx], spec)
+    logp, div, ent_s, ent_t, kl = _FusedFull.apply(hidden_BTH, weight_VH, bias_V, tokens_BT[b_idx, t_idx], spec)
     for name, vals in zip(("logp", "div", "ent_s", "ent_t", "kl"), (logp, div, ent_s, ent_t, kl), strict=True):
         out[name] = out[name].index_put((b_idx, t_idx), vals.to(dtype))
     return out
