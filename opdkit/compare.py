@@ -37,7 +37,8 @@ import yaml
 
 from opdkit.compare_sweep import (Sweep, candidate_dir, choose, describe, parse_sweep, read_choice, TEST_SEED,
                                   validation_examples)
-from opdkit.config import h, help_text, load_config
+from opdkit.config import h, load_config
+from opdkit.config_help import help_text
 from opdkit.errors import UserError, run_cli
 
 KINDS = ("train", "sft", "none")

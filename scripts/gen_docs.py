@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from opdkit.config import markdown_table  # noqa: E402
+from opdkit.config_help import markdown_table  # noqa: E402
 from opdkit.train.config import TrainConfig  # noqa: E402
 
 BEGIN, END = "<!-- knobs:{name}:begin -->", "<!-- knobs:{name}:end -->"

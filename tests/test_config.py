@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from opdkit.config import config_hash, config_to_dict, dump_config, h, help_text, load_config, markdown_table
+from opdkit.config import config_hash, config_to_dict, dump_config, h, load_config
+from opdkit.config_help import help_text, markdown_table
 from opdkit.errors import UserError, cli_entry, run_cli
 from opdkit.objectives.config import ObjectiveConfig
 

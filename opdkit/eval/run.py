@@ -25,7 +25,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from opdkit.config import h, help_text, load_config
+from opdkit.config import h, load_config
+from opdkit.config_help import help_text
 from opdkit.errors import UserError, one_line, run_cli
 from opdkit.eval.metrics import pass_at_k
 

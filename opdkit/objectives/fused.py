@@ -103,6 +103,7 @@ def _teacher(spec: _Spec, lo: int, hi: int, out: Tensor, scratch: Tensor) -> boo
     exp(-1e4) is 0 in float32/64)."""
     bi, ti = spec.b_idx[lo:hi], spec.t_idx[lo:hi]
     sig = spec.teacher
+    probs_ready = False
     if sig.logprobs_BTV is not None:
         lp = sig.logprobs_BTV
         flat, rows = lp.reshape(-1, lp.shape[-1]), bi * lp.shape[1] + ti
@@ -113,12 +114,11 @@ def _teacher(spec: _Spec, lo: int, hi: int, out: Tensor, scratch: Tensor) -> boo
     elif sig.head_weight_VH.dtype == out.dtype:  # its logits straight into the buffer, as the student's
         _logits_(sig.hidden_BTH[bi, ti], sig.head_weight_VH, sig.head_bias_V, sig.temperature, out)
         _log_softmax_(out, scratch)
-        out.clamp_(min=LOGPROB_FLOOR)
-        return True
+        probs_ready = True
     else:
         out.copy_(sig.logprobs_chunk(bi, ti))
     out.clamp_(min=LOGPROB_FLOOR)
-    return False
+    return probs_ready
 
 
 def _dot(a: Tensor, b: Tensor, scratch: Tensor) -> Tensor:

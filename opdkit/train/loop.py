@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from opdkit.config import config_hash, help_text, load_config
+from opdkit.config import config_hash, load_config
+from opdkit.config_help import help_text
 from opdkit.diagnostics import FailureDetector
 from opdkit.diagnostics.backoff import LrBackoff, runaway_signals
 from opdkit.data.prompts import encode_prompts

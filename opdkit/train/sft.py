@@ -25,7 +25,8 @@ from typing import Sequence
 
 import torch
 
-from opdkit.config import config_hash, h, help_text, load_config
+from opdkit.config import config_hash, h, load_config
+from opdkit.config_help import help_text
 from opdkit.errors import RunFailed, UserError, one_line, run_cli
 from opdkit.validate import choice, in_range, pos_int
 

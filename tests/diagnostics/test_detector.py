@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from opdkit.config import load_config, markdown_table
+from opdkit.config import load_config
+from opdkit.config_help import markdown_table
 from opdkit.diagnostics import CODES, DetectorConfig, FailureDetector, Warning, detect
 from opdkit.errors import UserError
 from opdkit.objectives import ObjectiveConfig
