@@ -196,9 +196,15 @@ def _proportional(g: Tensor, w: Tensor) -> float | None:
     return c if float((g.double() - c * w.double()).abs().max()) <= tol else None
 
 
-def _rows(spec: _Spec, h_BTH: Tensor, lo: int, hi: int) -> Tensor:
-    """The hidden states [hi - lo, H] of selected positions lo:hi (gathered per chunk: no [N, H] copy)."""
-    return h_BTH[spec.b_idx[lo:hi], spec.t_idx[lo:hi]]
+def _chunk(spec: _Spec, h_BTH: Tensor, Wc: Tensor, b: Tensor | None, buf: _Buffers, lo: int, hi: int):
+    """Selected positions lo:hi: ((z, s, t, w, x), hidden states [hi - lo, H], teacher probs in x?) with z, s the
+    student's log-probs and probs, t the teacher's log-probs, w and x scratch. The hidden states are gathered per
+    chunk: no [N, H] copy of the inputs."""
+    bufs = buf.view(hi - lo)
+    h_c = h_BTH[spec.b_idx[lo:hi], spec.t_idx[lo:hi]]
+    _logits_(h_c, Wc, b, spec.temperature, bufs[0])
+    _log_softmax_(bufs[0], bufs[1])
+    return bufs, h_c, _teacher(spec, lo, hi, bufs[2], bufs[4])
 
 
 class _FusedFull(torch.autograd.Function):
@@ -223,11 +229,7 @@ class _FusedFull(torch.autograd.Function):
         pre = None if spec.weights is None else _Grads(h, W, b, ctx.needs_input_grad, Wc, spec)
         for lo in range(0, N, c):
             hi = min(lo + c, N)
-            z, s, t, w, x = buf.view(hi - lo)
-            h_c = _rows(spec, h, lo, hi)
-            _logits_(h_c, Wc, b, spec.temperature, z)
-            _log_softmax_(z, s)
-            tp_ready = _teacher(spec, lo, hi, t, x)
+            (z, s, t, w, x), h_c, tp_ready = _chunk(spec, h, Wc, b, buf, lo, hi)
             out[0][lo:hi] = z[ar[:hi - lo], tok[lo:hi]]
             g = None if pre is None else spec.weights[lo:hi].to(dtype)
             vals, G = _values(spec, z, s, t, w, x, g, tp_ready)
@@ -267,11 +269,7 @@ def _recompute(spec: _Spec, h, W, b, tok, g_logp, g_div, needs: tuple) -> tuple:
     grads = _Grads(h, W, b, needs, Wc, spec)
     for lo in range(0, N, c):
         hi = min(lo + c, N)
-        z, s, t, w, x = buf.view(hi - lo)
-        h_c = _rows(spec, h, lo, hi)
-        _logits_(h_c, Wc, b, spec.temperature, z)
-        _log_softmax_(z, s)
-        tp_ready = _teacher(spec, lo, hi, t, x)
+        (z, s, t, w, x), h_c, tp_ready = _chunk(spec, h, Wc, b, buf, lo, hi)
         _, G = _values(spec, z, s, t, w, x, g_div[lo:hi], tp_ready)
         gl = g_logp[lo:hi]
         G.addcmul_(s, -gl[:, None])
