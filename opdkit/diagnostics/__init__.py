@@ -2,7 +2,7 @@
 early-position extremes, gradient-norm spikes, response-length runaway / collapse, accuracy / reward collapse) from
 the per-step metrics and gives concrete advice drawn from the literature. See docs/diagnostics.md."""
 
-from opdkit.diagnostics.detector import (CODES, DetectorConfig, DetectorWarning, FailureDetector, Warning,
-                                         detect)
+from opdkit.diagnostics.config import CODES, DetectorConfig, DetectorWarning, Warning
+from opdkit.diagnostics.detector import FailureDetector, detect
 
 __all__ = ["CODES", "DetectorConfig", "DetectorWarning", "FailureDetector", "Warning", "detect"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from opdkit.diagnostics.detector import Warning
+from opdkit.diagnostics.config import Warning
 
 BACKOFF_CODES = ("length_runaway",)
 
