@@ -273,17 +273,18 @@ def compute_advantages(cfg: ObjectiveConfig, student_logprobs_BT: Tensor, teache
     return adv, metrics
 
 
-def _divergence_weights(cfg: ObjectiveConfig, mask_BT: Tensor, selected_BT: Tensor | None) -> Tensor | None:
-    """What `aggregate(cfg.aggregation)` will multiply each token's divergence by, up to one constant, when the loss
-    is the divergence alone and the kept tokens are known before the forward pass; None when entropy selection will
-    decide them from this pass's entropies. (The fused path uses it to compute the gradient in forward.)"""
+def _keep_before_pass(cfg: ObjectiveConfig, mask_BT: Tensor, selected_BT: Tensor | None) -> Tensor | None:
+    """The tokens the loss keeps when that is known before the forward pass (the caller's selection, or no entropy
+    selection); None when entropy selection will decide them from this pass's entropies."""
     if selected_BT is not None:
-        keep = mask_BT & selected_BT.bool()
-    elif cfg.entropy_keep_fraction >= 1.0:
-        keep = mask_BT
-    else:
-        return None
-    w = keep.double()
+        return mask_BT & selected_BT.bool()
+    return mask_BT if cfg.entropy_keep_fraction >= 1.0 else None
+
+
+def _divergence_weights(cfg: ObjectiveConfig, keep_BT: Tensor) -> Tensor:
+    """What `aggregate(cfg.aggregation)` will multiply each kept token's divergence by, up to one constant, when the
+    loss is the divergence alone. (The fused path uses it to compute the gradient in forward.)"""
+    w = keep_BT.double()
     if cfg.aggregation == "seq_mean_token_mean":
         w = w / w.sum(-1, keepdim=True).clamp(min=1.0)
     return w
@@ -320,12 +321,14 @@ def opd_per_token_loss(cfg: ObjectiveConfig, *, tokens_BT: Tensor, mask_BT: Tens
     select_teacher = cfg.entropy_keep_fraction < 1.0 and cfg.entropy_source == "teacher"
     need_ent_s = True  # student entropy is always reported; it is cheap next to the log-softmax itself
     dense_teacher = teacher if isinstance(teacher, (FullSignal, TopKSignal)) else None
+    keep_known = _keep_before_pass(cfg, mask, selected_BT)
     if fused:
         if divergence is not None or hidden_BTH is None or lm_head_weight_VH is None or not isinstance(teacher, FullSignal):
             raise ValueError("fused=True needs hidden_BTH + lm_head_weight_VH, a FullSignal teacher and no custom "
                              "divergence")
         hybrid = task_rewards_B is not None and cfg.task_reward_coef != 0.0
-        weights = None if hybrid or behaviour_logprobs_BT is not None else _divergence_weights(cfg, mask, selected_BT)
+        weights = (None if hybrid or behaviour_logprobs_BT is not None or keep_known is None
+                   else _divergence_weights(cfg, keep_known))
         cols = fused_full_positions(cfg, hidden_BTH, lm_head_weight_VH, lm_head_bias_V, temperature, tokens_BT, mask,
                                     teacher, weights)
     else:
@@ -333,8 +336,8 @@ def opd_per_token_loss(cfg: ObjectiveConfig, *, tokens_BT: Tensor, mask_BT: Tens
     logp = cols["logp"]
     _check_student_rows(src, logp, cols["ent_s"], mask)
 
-    if selected_BT is not None:
-        keep = mask & selected_BT.bool()
+    if keep_known is not None:
+        keep = keep_known
     else:
         keep = S.select_by_entropy(cols["ent_t"] if select_teacher else cols["ent_s"], mask, cfg.entropy_keep_fraction,
                                    cfg.entropy_scope)
